@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from typing import Final
 
 import msgpack  # type: ignore[import-untyped]
+
 from gcks.proto.errors import DecodeError, FrameTooLarge
 
 __all__ = [

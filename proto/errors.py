@@ -65,3 +65,18 @@ class PolicyError(GcksProtoError):
 
 class KeyTreeError(GcksProtoError):
     """Local misuse of the LKH key tree (unknown member, duplicate member, ...)."""
+
+
+class IdentityError(ProtocolError):
+    """A peer certificate carries no valid gcks identity (`urn:gcks:ROLE:ID`), more than
+    one, or one whose role or id is not the one this connection requires."""
+
+
+class WrongGroup(ProtocolError):
+    """A rekey datagram names another group than the one it was opened for (drop it:
+    several groups may share a multicast address)."""
+
+
+class SequenceExhausted(GcksProtoError):
+    """A data sender used every sequence number under its TEK: nonces would repeat.
+    Local condition: switch to a new TEK (rekey) before sending again."""

@@ -201,11 +201,11 @@ def _require_unique(values: Sequence[object], name: str, what: str) -> None:
         seen.add(value)
 
 
-def _encode_key_sa(sa: KeySA) -> list[object]:
+def encode_key_sa(sa: KeySA) -> list[object]:
     return [sa.spi, sa.suite.value, sa.key, sa.activation_ms, sa.expiry_ms]
 
 
-def _read_key_sa(value: object, name: str) -> KeySA:
+def read_key_sa(value: object, name: str) -> KeySA:
     spi, suite, key, activation, expiry = read_record(value, name, 5)
     sa = KeySA(
         spi=_read_spi(spi, f"{name}.spi"),
@@ -220,7 +220,7 @@ def _read_key_sa(value: object, name: str) -> KeySA:
 
 
 def _read_key_sas(value: object, name: str) -> tuple[KeySA, ...]:
-    sas = _read_items(value, name, MAX_TEKS, _read_key_sa)
+    sas = _read_items(value, name, MAX_TEKS, read_key_sa)
     _require_unique([sa.spi for sa in sas], name, "SPI")
     return sas
 
@@ -386,27 +386,38 @@ class _Envelope(abc.ABC):
 @dataclass(frozen=True, slots=True)
 class RegisterRequest(_Envelope):
     """Member -> node: join `group` as `role`; `last_msg_id` is the last rekey
-    message id the member accepted (0 if none), for resynchronisation."""
+    message id the member accepted (0 if none), for resynchronisation.
+    `sender_key` is the raw Ed25519 public key a sender signs its data packets
+    with when the policy requires source authentication (None otherwise): the
+    member makes the key pair itself, so no node ever holds its private half."""
 
     TYPE: ClassVar[MessageType] = MessageType.REGISTER_REQUEST
-    FIELDS: ClassVar[int] = 4
+    FIELDS: ClassVar[int] = 5
 
     group: str
     role: Role
     last_msg_id: int
     request_id: int
+    sender_key: bytes | None = None
 
     def _fields(self) -> list[object]:
-        return [self.group, self.role.value, self.last_msg_id, self.request_id]
+        return [self.group, self.role.value, self.last_msg_id, self.request_id, self.sender_key]
 
     @classmethod
     def _from_fields(cls, fields: tuple[object, ...]) -> Self:
-        group, role, last_msg_id, request_id = fields
+        group, role, last_msg_id, request_id, sender_key = fields
         return cls(
             group=_read_group(group, "RegisterRequest.group"),
             role=read_enum(role, "RegisterRequest.role", Role),
             last_msg_id=read_int(last_msg_id, "RegisterRequest.last_msg_id", 0, MAX_U64),
             request_id=read_int(request_id, "RegisterRequest.request_id", 0, MAX_U64),
+            sender_key=read_optional(
+                sender_key,
+                "RegisterRequest.sender_key",
+                read_bytes,
+                ED25519_KEY_SIZE,
+                ED25519_KEY_SIZE,
+            ),
         )
 
 
@@ -441,8 +452,8 @@ class GsaAnswer(_Envelope):
             self.request_id,
             self.group,
             self.policy.to_mapping(),
-            _encode_key_sa(self.kek),
-            [_encode_key_sa(sa) for sa in self.teks],
+            encode_key_sa(self.kek),
+            [encode_key_sa(sa) for sa in self.teks],
             [_encode_path_key(key) for key in self.path_keys],
             self.leaf,
             self.rekey_verify_key,
@@ -473,7 +484,7 @@ class GsaAnswer(_Envelope):
             request_id=read_int(request_id, f"{name}.request_id", 0, MAX_U64),
             group=_read_group(group, f"{name}.group"),
             policy=_read_policy(policy, f"{name}.policy"),
-            kek=_read_key_sa(kek, f"{name}.kek"),
+            kek=read_key_sa(kek, f"{name}.kek"),
             teks=_read_key_sas(teks, f"{name}.teks"),
             path_keys=_read_items(path_keys, f"{name}.path_keys", MAX_PATH_KEYS, _read_path_key),
             leaf=read_int(leaf, f"{name}.leaf", 0, MAX_U64),
@@ -672,7 +683,7 @@ class RekeyBody(_Envelope):
     def _fields(self) -> list[object]:
         return [
             None if self.kek is None else self.kek._encode(),
-            [_encode_key_sa(sa) for sa in self.teks],
+            [encode_key_sa(sa) for sa in self.teks],
             [[spi, at_ms] for spi, at_ms in self.deactivate],
             [_encode_wrapped_key(key) for key in self.lkh],
             None if self.policy is None else self.policy.to_mapping(),

@@ -7,6 +7,9 @@ import itertools
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gcks.proto.codec import (
     DEFAULT_MAX_FRAME,
     FRAME_HEADER_SIZE,
@@ -16,8 +19,6 @@ from gcks.proto.codec import (
     unpackb,
 )
 from gcks.proto.errors import DecodeError, FrameTooLarge
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 
 def _split(data: bytes, cuts: list[int]) -> list[bytes]:

@@ -8,6 +8,9 @@ from typing import Any
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gcks.proto.codec import FrameDecoder, encode_frame
 from gcks.proto.errors import DecodeError, UnsupportedVersion
 from gcks.proto.messages import (
@@ -32,8 +35,6 @@ from gcks.proto.messages import (
 )
 from gcks.proto.policy import Authorization, GroupPolicy, MulticastEndpoint, Role
 from gcks.proto.sa import MAX_SPI, CipherSuite, KeySA, PathKey, WrappedKey
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 U64 = 2**64 - 1
 
@@ -159,6 +160,7 @@ messages: st.SearchStrategy[Message] = st.one_of(
         role=st.sampled_from(Role),
         last_msg_id=u64,
         request_id=u64,
+        sender_key=st.none() | st.binary(min_size=32, max_size=32),
     ),
     gsa_answers(),
     st.builds(
@@ -247,6 +249,7 @@ def test_envelope_is_version_type_then_fields() -> None:
         "sender",
         5,
         9,
+        None,
     ]
 
 

@@ -8,11 +8,12 @@ import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from gcks.proto.errors import PolicyError
 from gcks.proto.policy import Authorization, GroupPolicy, MulticastEndpoint, Role
 from gcks.proto.sa import CipherSuite
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 FULL_TOML = """
 group_id = "video-1"

@@ -6,6 +6,7 @@ import enum
 import re
 
 import pytest
+
 from gcks.proto.errors import DecodeError
 from gcks.proto.schema import (
     read_bool,
