@@ -1,0 +1,239 @@
+"""Commands of the replicated group state machine, as they travel in the Raft log.
+
+The leader makes every command: it draws the fresh keys and seeds and reads
+its clock, and puts the results *in* the command. Applying a command
+(`gcks.cluster.state`) then only computes, so every node that applies the same
+log holds the same keys and seals byte-identical rekey messages.
+
+Commands are msgpack arrays `[COMMAND_VERSION, type, fields...]`. The log is
+authenticated and encrypted at rest, but a node may still meet a command from
+a newer or buggy peer, so decoding validates every field and raises
+`DecodeError` like any other decoder of bytes from elsewhere.
+
+May import `gcks.proto`. Must never read a clock, draw randomness or do I/O.
+Key material is kept out of every repr.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Final
+
+from gcks.proto.codec import packb, unpackb
+from gcks.proto.errors import DecodeError, PolicyError
+from gcks.proto.policy import GROUP_ID_PATTERN, GroupPolicy, Role
+from gcks.proto.schema import (
+    read_bool,
+    read_bytes,
+    read_enum,
+    read_int,
+    read_list,
+    read_optional,
+    read_record,
+    read_str,
+)
+
+COMMAND_VERSION: Final = 1
+SEED_SIZE: Final = 32
+KEY_SIZE: Final = 32
+ED25519_KEY_SIZE: Final = 32
+MAX_BATCH: Final = 65_536
+MAX_TIME_MS: Final = 2**63 - 1
+MAX_REASON: Final = 256
+MEMBER_ID_PATTERN = GROUP_ID_PATTERN  # member ids share the certificate id alphabet
+
+
+class CommandType(enum.IntEnum):
+    CREATE_GROUP = 1
+    UPDATE_POLICY = 2
+    DELETE_GROUP = 3
+    REKEY = 4
+    RESTORE = 5
+
+
+class LeaveReason(enum.StrEnum):
+    DEREGISTER = "deregister"  # the member asked to leave
+    EVICT = "evict"  # an administrator removed it
+
+
+@dataclass(frozen=True, slots=True)
+class Join:
+    member_id: str
+    role: Role
+    sender_key: bytes | None = None  # Ed25519 public key, senders under source auth
+
+
+@dataclass(frozen=True, slots=True)
+class Leave:
+    member_id: str
+    reason: LeaveReason
+
+
+@dataclass(frozen=True, slots=True)
+class CreateGroup:
+    policy: GroupPolicy
+    signing_seed: bytes = field(repr=False)  # the group's Ed25519 rekey signing key
+    tree_seed: bytes = field(repr=False)  # seeds the empty LKH tree's root key
+    tek_key: bytes = field(repr=False)  # the first TEK
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePolicy:
+    policy: GroupPolicy
+    now_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteGroup:
+    group: str
+    now_ms: int
+    reason: str = "group deleted"
+
+
+@dataclass(frozen=True, slots=True)
+class Rekey:
+    """One coalesced key change of a group: a batch of joins and leaves, a
+    fresh TEK, a refreshed KEK, or any mix. `tree_seed` derives every new LKH
+    key of the batch; `tek_key` (None: keep the TEKs) becomes the new TEK."""
+
+    group: str
+    joins: tuple[Join, ...]
+    leaves: tuple[Leave, ...]
+    tree_seed: bytes = field(repr=False)
+    tek_key: bytes | None = field(repr=False)
+    refresh_kek: bool
+    now_ms: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreState:
+    """Replace every group with those of a saved snapshot (disaster recovery)."""
+
+    snapshot: bytes = field(repr=False)
+    now_ms: int
+
+
+Command = CreateGroup | UpdatePolicy | DeleteGroup | Rekey | RestoreState
+
+MAX_SNAPSHOT: Final = 1 << 30
+
+
+def encode_command(command: Command) -> bytes:
+    """The log entry bytes of `command`."""
+    match command:
+        case CreateGroup():
+            fields: list[object] = [
+                CommandType.CREATE_GROUP,
+                command.policy.to_mapping(),
+                command.signing_seed,
+                command.tree_seed,
+                command.tek_key,
+                command.now_ms,
+            ]
+        case UpdatePolicy():
+            fields = [CommandType.UPDATE_POLICY, command.policy.to_mapping(), command.now_ms]
+        case DeleteGroup():
+            fields = [CommandType.DELETE_GROUP, command.group, command.now_ms, command.reason]
+        case RestoreState():
+            fields = [CommandType.RESTORE, command.snapshot, command.now_ms]
+        case Rekey():
+            fields = [
+                CommandType.REKEY,
+                command.group,
+                [[j.member_id, j.role.value, j.sender_key] for j in command.joins],
+                [[leave.member_id, leave.reason.value] for leave in command.leaves],
+                command.tree_seed,
+                command.tek_key,
+                command.refresh_kek,
+                command.now_ms,
+                command.reason,
+            ]
+    data = packb([COMMAND_VERSION, *(int(f) if isinstance(f, CommandType) else f for f in fields)])
+    decode_command(data)  # refuse to log what no node could apply
+    return data
+
+
+def decode_command(data: bytes) -> Command:
+    """Validate and decode a log entry; raises `DecodeError` on anything malformed."""
+    obj = read_list(unpackb(data), "command", 16, min_items=2)
+    version = read_int(obj[0], "command.version", 0, 255)
+    if version != COMMAND_VERSION:
+        raise DecodeError(f"command.version: {version} is not supported")
+    kind = read_enum(obj[1], "command.type", CommandType)
+    body = obj[2:]
+    if kind is CommandType.CREATE_GROUP:
+        policy, signing_seed, tree_seed, tek_key, now_ms = read_record(body, "CreateGroup", 5)
+        return CreateGroup(
+            policy=_read_policy(policy, "CreateGroup.policy"),
+            signing_seed=read_bytes(signing_seed, "CreateGroup.signing_seed", SEED_SIZE, SEED_SIZE),
+            tree_seed=read_bytes(tree_seed, "CreateGroup.tree_seed", SEED_SIZE, SEED_SIZE),
+            tek_key=read_bytes(tek_key, "CreateGroup.tek_key", KEY_SIZE, KEY_SIZE),
+            now_ms=read_int(now_ms, "CreateGroup.now_ms", 0, MAX_TIME_MS),
+        )
+    if kind is CommandType.UPDATE_POLICY:
+        policy, now_ms = read_record(body, "UpdatePolicy", 2)
+        return UpdatePolicy(
+            policy=_read_policy(policy, "UpdatePolicy.policy"),
+            now_ms=read_int(now_ms, "UpdatePolicy.now_ms", 0, MAX_TIME_MS),
+        )
+    if kind is CommandType.DELETE_GROUP:
+        group, now_ms, reason = read_record(body, "DeleteGroup", 3)
+        return DeleteGroup(
+            group=read_str(group, "DeleteGroup.group", 64, GROUP_ID_PATTERN),
+            now_ms=read_int(now_ms, "DeleteGroup.now_ms", 0, MAX_TIME_MS),
+            reason=read_str(reason, "DeleteGroup.reason", MAX_REASON),
+        )
+    if kind is CommandType.RESTORE:
+        snapshot, now_ms = read_record(body, "RestoreState", 2)
+        return RestoreState(
+            snapshot=read_bytes(snapshot, "RestoreState.snapshot", MAX_SNAPSHOT),
+            now_ms=read_int(now_ms, "RestoreState.now_ms", 0, MAX_TIME_MS),
+        )
+    group, joins, leaves, tree_seed, tek_key, refresh_kek, now_ms, reason = read_record(
+        body, "Rekey", 8
+    )
+    return Rekey(
+        group=read_str(group, "Rekey.group", 64, GROUP_ID_PATTERN),
+        joins=tuple(
+            _read_join(item, f"Rekey.joins[{i}]")
+            for i, item in enumerate(read_list(joins, "Rekey.joins", MAX_BATCH))
+        ),
+        leaves=tuple(
+            _read_leave(item, f"Rekey.leaves[{i}]")
+            for i, item in enumerate(read_list(leaves, "Rekey.leaves", MAX_BATCH))
+        ),
+        tree_seed=read_bytes(tree_seed, "Rekey.tree_seed", SEED_SIZE, SEED_SIZE),
+        tek_key=read_optional(tek_key, "Rekey.tek_key", read_bytes, KEY_SIZE, KEY_SIZE),
+        refresh_kek=read_bool(refresh_kek, "Rekey.refresh_kek"),
+        now_ms=read_int(now_ms, "Rekey.now_ms", 0, MAX_TIME_MS),
+        reason=read_str(reason, "Rekey.reason", MAX_REASON),
+    )
+
+
+def _read_policy(value: object, name: str) -> GroupPolicy:
+    try:
+        return GroupPolicy.from_mapping(value)
+    except PolicyError as exc:
+        raise DecodeError(f"{name}: {exc}") from None
+
+
+def _read_join(value: object, name: str) -> Join:
+    member_id, role, sender_key = read_record(value, name, 3)
+    return Join(
+        member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),
+        role=read_enum(role, f"{name}.role", Role),
+        sender_key=read_optional(
+            sender_key, f"{name}.sender_key", read_bytes, ED25519_KEY_SIZE, ED25519_KEY_SIZE
+        ),
+    )
+
+
+def _read_leave(value: object, name: str) -> Leave:
+    member_id, reason = read_record(value, name, 2)
+    return Leave(
+        member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),
+        reason=read_enum(reason, f"{name}.reason", LeaveReason),
+    )

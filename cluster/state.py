@@ -1,0 +1,628 @@
+"""The replicated group state machine: groups, policies, members, keys, rekeys.
+
+Every node applies the same committed commands (`gcks.cluster.commands`) in
+the same order to its own `GroupState`. Apply is deterministic: no randomness,
+no clock, no I/O. Fresh keys and times arrive inside the commands, made by
+the leader, so every node holds the same KEKs, TEKs, LKH tree and signing key,
+and seals byte-identical REKEY datagrams (Ed25519 signatures are
+deterministic). Applying a command returns what the node must do about it:
+the datagrams to send, the members that joined or left.
+
+Rules kept here (DESIGN.md "Rekey", RFC 9838):
+- message ids strictly increase per group; every message is signed by the
+  group's signing key, which members never hold;
+- the KEK is the LKH root key: a new KEK reaches members only as wrapped keys,
+  never in a body sealed under the old KEK;
+- forward access control: when members leave, the message that changes the
+  KEK carries no new TEK; the new TEK follows in a second message sealed under
+  the new KEK, which the departed members cannot open;
+- sender ids are never reused within a group: a (re-)registered sender starts
+  its sequence numbers at zero, so reusing an id under a live TEK would reuse
+  AEAD nonces.
+
+May import `gcks.proto` and `gcks.cluster.commands`. Must never read a clock,
+draw randomness, do I/O, or put key material in a log line, error or repr.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from gcks.cluster.commands import (
+    Command,
+    CreateGroup,
+    DeleteGroup,
+    LeaveReason,
+    Rekey,
+    RestoreState,
+    UpdatePolicy,
+    decode_command,
+)
+from gcks.proto.codec import packb, unpackb
+from gcks.proto.errors import DecodeError, GcksProtoError
+from gcks.proto.keytree import KeyTree
+from gcks.proto.messages import (
+    GsaAnswer,
+    KekUpdate,
+    NodeEndpoint,
+    RekeyBody,
+    encode_key_sa,
+    read_key_sa,
+)
+from gcks.proto.policy import GroupPolicy, MulticastEndpoint, Role
+from gcks.proto.rekey import seal_rekey
+from gcks.proto.sa import MAX_SPI, KeySA, WrappedKey
+from gcks.proto.schema import (
+    read_bytes,
+    read_enum,
+    read_int,
+    read_list,
+    read_map,
+    read_optional,
+    read_record,
+    read_str,
+)
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_FORMAT: Final = 1
+AUDIT_LIMIT: Final = 10_000  # audit records kept in the replicated state (all are logged)
+MAX_SENDER_ID: Final = 0xFFFF_FFFF
+
+
+_LEAVE_EVENT: Final = {LeaveReason.DEREGISTER: "leave", LeaveReason.EVICT: "evict"}
+
+
+class StateError(Exception):
+    """A snapshot could not be restored (corrupt or from an unknown format)."""
+
+
+@dataclass(frozen=True, slots=True)
+class MemberRecord:
+    member_id: str
+    role: Role
+    sender_id: int | None
+    sender_key: bytes | None
+    joined_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One line of the audit trail (RFC 3740 section 5.4): who joined, left, was evicted."""
+
+    index: int  # Raft log index of the command
+    time_ms: int
+    group: str
+    event: str  # create, update, delete, join, rejoin, leave, evict, rekey
+    member: str | None
+    detail: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outbound:
+    """One sealed REKEY datagram to send: identical bytes on every node."""
+
+    group: str
+    msg_id: int
+    datagram: bytes
+    multicast: MulticastEndpoint
+    retransmit_count: int
+    retransmit_interval_ms: int
+    terminate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    outbound: tuple[Outbound, ...] = ()
+    joined: tuple[tuple[str, str], ...] = ()  # (group, member id), re-registrations included
+    left: tuple[tuple[str, str, LeaveReason], ...] = ()
+    rejected: str | None = None  # why a command changed nothing (unknown group, ...)
+
+
+class _Group:
+    """Mutable state of one group; only `GroupState` touches it."""
+
+    __slots__ = (
+        "banned",
+        "kek",
+        "members",
+        "msg_id",
+        "next_sender_id",
+        "next_spi",
+        "policy",
+        "signer",
+        "signing_seed",
+        "teks",
+        "tree",
+        "verify_key",
+    )
+
+    def __init__(
+        self,
+        *,
+        policy: GroupPolicy,
+        signing_seed: bytes,
+        tree: KeyTree,
+        kek: KeySA,
+        teks: list[KeySA],
+        msg_id: int,
+        next_spi: int,
+        next_sender_id: int,
+        members: dict[str, MemberRecord],
+        banned: set[str],
+    ) -> None:
+        self.policy = policy
+        self.banned = banned  # evicted identities: refused until an admin re-admits them
+        self.signing_seed = signing_seed
+        self.signer = Ed25519PrivateKey.from_private_bytes(signing_seed)
+        self.verify_key = self.signer.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+        self.tree = tree
+        self.kek = kek
+        self.teks = teks
+        self.msg_id = msg_id
+        self.next_spi = next_spi
+        self.next_sender_id = next_sender_id
+        self.members = members
+
+    def allocate_spi(self) -> int:
+        spi = self.next_spi
+        # SPIs identify keys in flight; 2^32 key changes per group is beyond any
+        # lifetime, but wrap rather than fail, skipping 0 and SPIs still in use.
+        in_use = {self.kek.spi, *(t.spi for t in self.teks)}
+        while spi == 0 or spi in in_use:
+            spi = spi % MAX_SPI + 1
+        self.next_spi = spi % MAX_SPI + 1
+        return spi
+
+    def sender_keys(self) -> tuple[tuple[int, bytes], ...]:
+        return tuple(
+            sorted(
+                (m.sender_id, m.sender_key)
+                for m in self.members.values()
+                if m.sender_id is not None and m.sender_key is not None
+            )
+        )
+
+
+class GroupState:
+    """All groups of the cluster, as of the last applied log index."""
+
+    def __init__(self) -> None:
+        self._groups: dict[str, _Group] = {}
+        self._audit: deque[AuditRecord] = deque(maxlen=AUDIT_LIMIT)
+        self.applied_index = 0
+
+    # ------------------------------------------------------------------ reads
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        return tuple(sorted(self._groups))
+
+    def has_group(self, group: str) -> bool:
+        return group in self._groups
+
+    def policy(self, group: str) -> GroupPolicy:
+        return self._group(group).policy
+
+    def members(self, group: str) -> tuple[MemberRecord, ...]:
+        return tuple(sorted(self._group(group).members.values(), key=lambda m: m.member_id))
+
+    def is_banned(self, group: str, member_id: str) -> bool:
+        g = self._groups.get(group)
+        return g is not None and member_id in g.banned
+
+    def is_member(self, group: str, member_id: str) -> bool:
+        g = self._groups.get(group)
+        return g is not None and member_id in g.members
+
+    def kek(self, group: str) -> KeySA:
+        return self._group(group).kek
+
+    def teks(self, group: str) -> tuple[KeySA, ...]:
+        return tuple(self._group(group).teks)
+
+    def msg_id(self, group: str) -> int:
+        return self._group(group).msg_id
+
+    def verify_key(self, group: str) -> bytes:
+        return self._group(group).verify_key
+
+    def audit(self) -> tuple[AuditRecord, ...]:
+        return tuple(self._audit)
+
+    def gsa(
+        self, group: str, member_id: str, *, request_id: int, nodes: Sequence[NodeEndpoint]
+    ) -> GsaAnswer:
+        """The registration answer for a member of `group`, as of now."""
+        g = self._group(group)
+        record = g.members[member_id]
+        teks = tuple(g.teks)
+        if g.policy.rekey_on_join:
+            # Backward secrecy: TEKs still accepted from before the member's join
+            # (the deactivation window) protect traffic it must never read.
+            teks = tuple(t for t in teks if t.activation_ms >= record.joined_ms)
+        return GsaAnswer(
+            request_id=request_id,
+            group=group,
+            policy=g.policy,
+            kek=g.kek,
+            teks=teks,
+            path_keys=g.tree.path_keys(member_id),
+            leaf=g.tree.leaf_of(member_id),
+            rekey_verify_key=g.verify_key,
+            msg_id=g.msg_id,
+            sender_id=record.sender_id,
+            sender_verify_keys=g.sender_keys() if g.policy.source_auth else (),
+            nodes=tuple(nodes),
+        )
+
+    def _group(self, group: str) -> _Group:
+        try:
+            return self._groups[group]
+        except KeyError:
+            raise KeyError(f"unknown group {group!r}") from None
+
+    # ------------------------------------------------------------------ apply
+
+    def apply(self, index: int, data: bytes) -> ApplyResult:
+        """Apply the committed log entry `index` (empty data: a leader's no-op)."""
+        if index <= self.applied_index:
+            raise ValueError(f"entry {index} already applied (at {self.applied_index})")
+        self.applied_index = index
+        if not data:
+            return ApplyResult()
+        try:
+            command = decode_command(data)
+        except DecodeError as exc:
+            # Every node rejects the same bytes the same way: state stays identical.
+            log.error("log entry %d is not a valid command, skipped: %s", index, exc)
+            return ApplyResult(rejected=f"invalid command: {exc}")
+        return self._apply(index, command)
+
+    def _apply(self, index: int, command: Command) -> ApplyResult:
+        match command:
+            case CreateGroup():
+                return self._create(index, command)
+            case UpdatePolicy():
+                return self._update_policy(index, command)
+            case DeleteGroup():
+                return self._delete(index, command)
+            case Rekey():
+                return self._rekey(index, command)
+            case RestoreState():
+                return self._restore_from(index, command)
+
+    def _restore_from(self, index: int, cmd: RestoreState) -> ApplyResult:
+        try:
+            saved = GroupState.restore(cmd.snapshot)
+        except StateError as exc:
+            return ApplyResult(rejected=str(exc))
+        for name, g in saved._groups.items():
+            current = self._groups.get(name)
+            if current is not None:
+                # Message ids never go back: members drop ids <= the last they saw.
+                g.msg_id = max(g.msg_id, current.msg_id)
+        self._groups = saved._groups
+        self._record(index, cmd.now_ms, "*", "restore", None, f"{len(saved._groups)} groups")
+        return ApplyResult()
+
+    def _create(self, index: int, cmd: CreateGroup) -> ApplyResult:
+        group = cmd.policy.group_id
+        if group in self._groups:
+            return ApplyResult(rejected=f"group {group!r} already exists")
+        policy, now = cmd.policy, cmd.now_ms
+        tree = KeyTree.build([], cmd.tree_seed)
+        root = tree.group_key
+        g = _Group(
+            policy=policy,
+            signing_seed=cmd.signing_seed,
+            tree=tree,
+            kek=KeySA(1, policy.cipher_suite, root.key, now, now + policy.kek_lifetime_s * 1000),
+            teks=[
+                KeySA(2, policy.cipher_suite, cmd.tek_key, now, now + policy.tek_lifetime_s * 1000)
+            ],
+            msg_id=0,
+            next_spi=3,
+            next_sender_id=1,
+            members={},
+            banned=set(),
+        )
+        self._groups[group] = g
+        self._record(index, now, group, "create", None, f"kek {g.kek.fingerprint}")
+        return ApplyResult()
+
+    def _update_policy(self, index: int, cmd: UpdatePolicy) -> ApplyResult:
+        group = cmd.policy.group_id
+        g = self._groups.get(group)
+        if g is None:
+            return ApplyResult(rejected=f"unknown group {group!r}")
+        g.policy = cmd.policy
+        self._record(index, cmd.now_ms, group, "update", None, "policy updated")
+        body = RekeyBody(policy=cmd.policy, reason="policy update")
+        return ApplyResult(outbound=(self._seal(g, body),))
+
+    def _delete(self, index: int, cmd: DeleteGroup) -> ApplyResult:
+        g = self._groups.get(cmd.group)
+        if g is None:
+            return ApplyResult(rejected=f"unknown group {cmd.group!r}")
+        # Secure termination (RFC 3740 section 5.5): one last signed message
+        # tells every member to drop all of the group's keys.
+        final = self._seal(g, RekeyBody(terminate=True, reason=cmd.reason))
+        del self._groups[cmd.group]
+        self._record(index, cmd.now_ms, cmd.group, "delete", None, cmd.reason)
+        return ApplyResult(outbound=(dataclasses.replace(final, terminate=True),))
+
+    def _rekey(self, index: int, cmd: Rekey) -> ApplyResult:
+        g = self._groups.get(cmd.group)
+        if g is None:
+            return ApplyResult(rejected=f"unknown group {cmd.group!r}")
+        now, policy = cmd.now_ms, g.policy
+
+        # Settle the batch against the current membership, deterministically.
+        leaving: dict[str, LeaveReason] = {}
+        for leave in cmd.leaves:
+            if leave.member_id in g.members and leave.member_id not in leaving:
+                leaving[leave.member_id] = leave.reason
+        tree_joins: list[str] = []
+        tree_leaves: list[str] = list(leaving)
+        joined: list[MemberRecord] = []
+        rejoined: list[str] = []
+        seen: set[str] = set()
+        for join in cmd.joins:
+            if join.member_id in seen or join.member_id in leaving or join.member_id in g.banned:
+                continue
+            seen.add(join.member_id)
+            old = g.members.get(join.member_id)
+            sender_id = None
+            if join.role is Role.SENDER:
+                sender_id = g.next_sender_id
+                g.next_sender_id += 1
+            record = MemberRecord(join.member_id, join.role, sender_id, join.sender_key, now)
+            if old is None:
+                tree_joins.append(join.member_id)
+                joined.append(record)
+            elif old.role is not join.role or policy.rekey_on_rejoin:
+                tree_leaves.append(join.member_id)  # in both lists: a fresh leaf and path
+                tree_joins.append(join.member_id)
+                joined.append(record)
+            elif sender_id is not None:
+                joined.append(record)  # same role, but a fresh sender id (see module doc)
+            else:
+                rejoined.append(join.member_id)
+
+        senders_removed = tuple(
+            sorted(
+                m.sender_id
+                for mid in (*leaving, *(r.member_id for r in joined))
+                if (m := g.members.get(mid)) is not None and m.sender_id is not None
+            )
+        )
+        for mid, why in leaving.items():
+            del g.members[mid]
+            if why is LeaveReason.EVICT:
+                g.banned.add(mid)
+        for record in joined:
+            g.members[record.member_id] = record
+        senders_added = tuple(
+            sorted(
+                (r.sender_id, r.sender_key)
+                for r in joined
+                if r.sender_id is not None and r.sender_key is not None
+            )
+        )
+        if not policy.source_auth:
+            senders_added, senders_removed = (), ()
+
+        kek_update: KekUpdate | None = None
+        wrapped: tuple[WrappedKey, ...] = ()
+        old_kek = g.kek
+        if tree_joins or tree_leaves or cmd.refresh_kek:
+            update = g.tree.update(joins=tree_joins, leaves=tree_leaves, seed=cmd.tree_seed)
+            wrapped = update.wrapped
+            root = g.tree.group_key
+            spi = g.allocate_spi()
+            expiry = now + policy.kek_lifetime_s * 1000
+            g.kek = KeySA(spi, policy.cipher_suite, root.key, now, expiry)
+            kek_update = KekUpdate(spi, policy.cipher_suite, now, expiry, root.version)
+
+        new_teks: tuple[KeySA, ...] = ()
+        deactivate: tuple[tuple[int, int], ...] = ()
+        g.teks = [t for t in g.teks if t.expiry_ms > now]
+        # A TEK asked for because of joins or leaves is moot when none of them
+        # changed the membership (re-registrations): keep the keys.
+        moot = bool(cmd.joins or cmd.leaves) and not (tree_joins or tree_leaves)
+        if cmd.tek_key is not None and not moot:
+            activation = now + policy.activation_delay_ms if g.teks else now
+            tek = KeySA(
+                g.allocate_spi(),
+                policy.cipher_suite,
+                cmd.tek_key,
+                activation,
+                activation + policy.tek_lifetime_s * 1000,
+            )
+            # Old TEKs stay valid for receivers until the new one is active plus
+            # the deactivation delay, so packets in flight still decrypt.
+            end = activation + policy.deactivation_delay_ms
+            kept: list[KeySA] = []
+            retired: list[tuple[int, int]] = []
+            for previous in g.teks:
+                if previous.expiry_ms > end:
+                    expiry = max(end, previous.activation_ms + 1)
+                    retired.append((previous.spi, expiry))
+                    previous = dataclasses.replace(previous, expiry_ms=expiry)  # noqa: PLW2901
+                kept.append(previous)
+            g.teks = [*kept, tek]
+            new_teks, deactivate = (tek,), tuple(retired)
+
+        for record in joined:
+            event = "join" if record.member_id in tree_joins else "rejoin"
+            self._record(index, now, cmd.group, event, record.member_id, cmd.reason)
+        for mid in rejoined:
+            self._record(index, now, cmd.group, "rejoin", mid, cmd.reason)
+        for mid, why in leaving.items():
+            self._record(index, now, cmd.group, _LEAVE_EVENT[why], mid, cmd.reason)
+
+        outbound: list[Outbound] = []
+        if kek_update or new_teks or senders_added or senders_removed:
+            if leaving and kek_update and new_teks:
+                # Forward access control: the departed hold `old_kek` and can open
+                # the first message; it must not carry the new TEK.
+                first = RekeyBody(
+                    kek=kek_update,
+                    lkh=wrapped,
+                    sender_keys_added=senders_added,
+                    sender_keys_removed=senders_removed,
+                    reason=cmd.reason,
+                )
+                outbound.append(self._seal(g, first, kek=old_kek))
+                second = RekeyBody(teks=new_teks, deactivate=deactivate, reason=cmd.reason)
+                outbound.append(self._seal(g, second, kek=g.kek))
+            else:
+                body = RekeyBody(
+                    kek=kek_update,
+                    teks=new_teks,
+                    deactivate=deactivate,
+                    lkh=wrapped,
+                    sender_keys_added=senders_added,
+                    sender_keys_removed=senders_removed,
+                    reason=cmd.reason,
+                )
+                outbound.append(self._seal(g, body, kek=old_kek))
+            self._record(
+                index,
+                now,
+                cmd.group,
+                "rekey",
+                None,
+                f"msg {g.msg_id} kek {g.kek.fingerprint} tek {g.teks[-1].fingerprint}",
+            )
+        return ApplyResult(
+            outbound=tuple(outbound),
+            joined=tuple((cmd.group, mid) for mid in [*(r.member_id for r in joined), *rejoined]),
+            left=tuple((cmd.group, mid, why) for mid, why in leaving.items()),
+        )
+
+    def _seal(self, g: _Group, body: RekeyBody, *, kek: KeySA | None = None) -> Outbound:
+        g.msg_id += 1
+        datagram = seal_rekey(
+            group=g.policy.group_id,
+            kek=kek or g.kek,
+            msg_id=g.msg_id,
+            body=body.encode(),
+            signer=g.signer,
+        )
+        return Outbound(
+            group=g.policy.group_id,
+            msg_id=g.msg_id,
+            datagram=datagram,
+            multicast=g.policy.multicast,
+            retransmit_count=g.policy.retransmit_count,
+            retransmit_interval_ms=g.policy.retransmit_interval_ms,
+        )
+
+    def _record(
+        self, index: int, time_ms: int, group: str, event: str, member: str | None, detail: str
+    ) -> None:
+        record = AuditRecord(index, time_ms, group, event, member, detail)
+        self._audit.append(record)
+        log.info(
+            "audit index=%d group=%s event=%s member=%s %s", index, group, event, member, detail
+        )
+
+    # ------------------------------------------------------------- snapshots
+
+    def snapshot(self) -> bytes:
+        """The whole state as bytes (holds every key: store encrypted only)."""
+        groups = []
+        for name in sorted(self._groups):
+            g = self._groups[name]
+            groups.append(
+                [
+                    g.policy.to_mapping(),
+                    g.signing_seed,
+                    g.tree.to_state(),
+                    encode_key_sa(g.kek),
+                    [encode_key_sa(t) for t in g.teks],
+                    g.msg_id,
+                    g.next_spi,
+                    g.next_sender_id,
+                    [
+                        [m.member_id, m.role.value, m.sender_id, m.sender_key, m.joined_ms]
+                        for m in sorted(g.members.values(), key=lambda m: m.member_id)
+                    ],
+                    sorted(g.banned),
+                ]
+            )
+        audit = [[a.index, a.time_ms, a.group, a.event, a.member, a.detail] for a in self._audit]
+        return packb([SNAPSHOT_FORMAT, self.applied_index, groups, audit])
+
+    @classmethod
+    def restore(cls, data: bytes) -> GroupState:
+        """The state `snapshot()` produced; `StateError` if the bytes are not one."""
+        try:
+            return cls._restore(data)
+        except (DecodeError, GcksProtoError, ValueError, KeyError) as exc:
+            raise StateError(f"cannot restore the group state snapshot: {exc}") from None
+
+    @classmethod
+    def _restore(cls, data: bytes) -> GroupState:
+        fmt, applied, groups, audit = read_record(unpackb(data, max_size=len(data)), "snapshot", 4)
+        if read_int(fmt, "snapshot.format", 0, 255) != SNAPSHOT_FORMAT:
+            raise StateError("unknown snapshot format")
+        state = cls()
+        state.applied_index = read_int(applied, "snapshot.applied", 0, 2**63)
+        for i, item in enumerate(read_list(groups, "snapshot.groups", 1 << 20)):
+            name = f"snapshot.groups[{i}]"
+            (policy, seed, tree, kek, teks, msg_id, next_spi, next_sender, members, banned) = (
+                read_record(item, name, 10)
+            )
+            records: dict[str, MemberRecord] = {}
+            for j, raw in enumerate(read_list(members, f"{name}.members", 1 << 24)):
+                mid, role, sender_id, sender_key, joined = read_record(raw, f"{name}.m[{j}]", 5)
+                record = MemberRecord(
+                    member_id=read_str(mid, "member_id", 64),
+                    role=read_enum(role, "role", Role),
+                    sender_id=read_optional(sender_id, "sender_id", read_int, 1, MAX_SENDER_ID),
+                    sender_key=read_optional(sender_key, "sender_key", read_bytes, 32, 32),
+                    joined_ms=read_int(joined, "joined_ms", 0, 2**63 - 1),
+                )
+                records[record.member_id] = record
+            g = _Group(
+                policy=GroupPolicy.from_mapping(read_map(policy, f"{name}.policy", 64)),
+                signing_seed=read_bytes(seed, f"{name}.signing_seed", 32, 32),
+                tree=KeyTree.from_state(tree),
+                kek=read_key_sa(kek, f"{name}.kek"),
+                teks=[read_key_sa(t, f"{name}.teks") for t in read_list(teks, "teks", 64)],
+                msg_id=read_int(msg_id, f"{name}.msg_id", 0, 2**64 - 1),
+                next_spi=read_int(next_spi, f"{name}.next_spi", 1, MAX_SPI),
+                next_sender_id=read_int(next_sender, f"{name}.next_sender_id", 1, 2**32),
+                members=records,
+                banned={
+                    read_str(b, f"{name}.banned", 64)
+                    for b in read_list(banned, f"{name}.banned", 1 << 24)
+                },
+            )
+            if set(records) != set(g.tree.members):
+                raise StateError(f"{name}: members and key tree disagree")
+            state._groups[g.policy.group_id] = g
+        for raw in read_list(audit, "snapshot.audit", AUDIT_LIMIT):
+            index, time_ms, group, event, member, detail = read_record(raw, "audit", 6)
+            state._audit.append(
+                AuditRecord(
+                    read_int(index, "audit.index", 0, 2**63),
+                    read_int(time_ms, "audit.time_ms", 0, 2**63 - 1),
+                    read_str(group, "audit.group", 64),
+                    read_str(event, "audit.event", 16),
+                    read_optional(member, "audit.member", read_str, 64),
+                    read_str(detail, "audit.detail", 1024),
+                )
+            )
+        return state

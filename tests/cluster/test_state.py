@@ -1,0 +1,386 @@
+"""The replicated group state machine, with members following its rekeys.
+
+Each test drives `GroupState` by committed commands, as Raft would, hands every
+sealed datagram to members built from `GroupKeys`, and checks the rules of
+DESIGN.md: identical bytes on every node, agreement, forward and backward
+secrecy, forward access control, termination, no forged rekeys.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gcks.cluster.commands import (
+    CreateGroup,
+    DeleteGroup,
+    Join,
+    Leave,
+    LeaveReason,
+    Rekey,
+    RestoreState,
+    UpdatePolicy,
+    decode_command,
+    encode_command,
+)
+from gcks.cluster.state import GroupState, Outbound, StateError
+from gcks.member.group import GroupKeys, Outcome
+from gcks.proto.errors import BadSignature, DecryptError, KeyExpired, ProtocolError, UnknownSPI
+from gcks.proto.messages import RekeyBody
+from gcks.proto.policy import Authorization, GroupPolicy, MulticastEndpoint, Role
+from gcks.proto.rekey import open_rekey, seal_rekey
+
+T0 = 1_700_000_000_000
+
+
+def policy(**overrides: object) -> GroupPolicy:
+    fields: dict[str, object] = {
+        "group_id": "demo",
+        "multicast": MulticastEndpoint.parse("239.1.1.1", 5000),
+        "authorize": (Authorization("*", frozenset({Role.SENDER, Role.RECEIVER})),),
+        "activation_delay_ms": 0,
+    }
+    fields.update(overrides)
+    return GroupPolicy(**fields)  # type: ignore[arg-type]
+
+
+def seed(n: int) -> bytes:
+    return n.to_bytes(32, "big")
+
+
+class Cluster:
+    """Several nodes' state machines fed the same log, and the members."""
+
+    def __init__(self, nodes: int = 2, **policy_overrides: object) -> None:
+        self.nodes = [GroupState() for _ in range(nodes)]
+        self.index = 0
+        self.now = T0
+        self.members: dict[str, GroupKeys] = {}
+        self.sent: list[Outbound] = []
+        self.commit(
+            CreateGroup(
+                policy=policy(**policy_overrides),
+                signing_seed=seed(1),
+                tree_seed=seed(2),
+                tek_key=seed(3),
+                now_ms=self.now,
+            )
+        )
+
+    def commit(self, command: object) -> list[Outbound]:
+        data = encode_command(command)  # type: ignore[arg-type]
+        self.index += 1
+        results = [node.apply(self.index, data) for node in self.nodes]
+        first = results[0]
+        for other in results[1:]:
+            assert other == first, "nodes disagree on the outcome of one command"
+        self.sent.extend(first.outbound)
+        return list(first.outbound)
+
+    @property
+    def state(self) -> GroupState:
+        return self.nodes[0]
+
+    def rekey(
+        self,
+        joins: Iterable[Join] = (),
+        leaves: Iterable[Leave] = (),
+        *,
+        tek: bool = True,
+        refresh_kek: bool = False,
+    ) -> list[Outbound]:
+        self.now += 1000
+        return self.commit(
+            Rekey(
+                group="demo",
+                joins=tuple(joins),
+                leaves=tuple(leaves),
+                tree_seed=os.urandom(32),
+                tek_key=os.urandom(32) if tek else None,
+                refresh_kek=refresh_kek,
+                now_ms=self.now,
+                reason="test",
+            )
+        )
+
+    def join(self, member_id: str, role: Role = Role.RECEIVER) -> GroupKeys:
+        out = self.rekey([Join(member_id, role)])
+        self.deliver(out)
+        keys = GroupKeys(self.state.gsa("demo", member_id, request_id=1, nodes=()), now_ms=self.now)
+        self.members[member_id] = keys
+        return keys
+
+    def deliver(
+        self, out: Iterable[Outbound], to: Iterable[str] | None = None
+    ) -> dict[str, list[Outcome]]:
+        outcomes: dict[str, list[Outcome]] = {}
+        for item in out:
+            for mid in list(self.members) if to is None else to:
+                result = self.members[mid].handle_rekey(item.datagram, self.now)
+                outcomes.setdefault(mid, []).append(result.outcome)
+        return outcomes
+
+
+def test_command_encoding_round_trips() -> None:
+    command = Rekey(
+        group="demo",
+        joins=(Join("m1", Role.SENDER, b"k" * 32), Join("m2", Role.RECEIVER)),
+        leaves=(Leave("m3", LeaveReason.EVICT),),
+        tree_seed=b"S" * 32,
+        tek_key=b"T" * 32,
+        refresh_kek=True,
+        now_ms=T0,
+        reason="r",
+    )
+    assert decode_command(encode_command(command)) == command
+    assert "SSSS" not in repr(command)
+    assert "TTTT" not in repr(command)
+
+
+def test_nodes_applying_the_same_log_seal_byte_identical_rekeys() -> None:
+    cluster = Cluster(nodes=3)
+    for i in range(5):
+        cluster.rekey([Join(f"m{i}", Role.RECEIVER)])
+    cluster.rekey(leaves=[Leave("m2", LeaveReason.EVICT)])
+    # Cluster.commit asserted every node returned equal results, datagrams included.
+    assert len(cluster.sent) >= 7
+    assert [o.msg_id for o in cluster.sent] == list(range(1, len(cluster.sent) + 1))
+
+
+def test_members_following_every_rekey_agree_with_the_nodes_on_keys() -> None:
+    cluster = Cluster()
+    for i in range(6):
+        cluster.join(f"m{i}")
+    cluster.deliver(cluster.rekey(leaves=[Leave("m3", LeaveReason.DEREGISTER)]))
+    del cluster.members["m3"]
+    cluster.deliver(cluster.rekey(refresh_kek=True))
+    state = cluster.state
+    for mid, keys in cluster.members.items():
+        assert keys.msg_id == state.msg_id("demo")
+        assert keys.kek == state.kek("demo")
+        assert keys.teks == state.gsa("demo", mid, request_id=0, nodes=()).teks
+
+
+def test_evicted_member_cannot_read_data_sent_after_its_eviction_rekey() -> None:
+    cluster = Cluster()
+    sender = cluster.join("s", Role.SENDER)
+    evicted = cluster.join("bad")
+    cluster.join("good")
+    out = cluster.rekey(leaves=[Leave("bad", LeaveReason.EVICT)])
+    # Forward access control: the KEK-changing message carries no TEK, the TEK
+    # comes second, under the new KEK.
+    assert len(out) == 2
+    outcomes = cluster.deliver(out)
+    assert outcomes["good"] == [Outcome.ACCEPTED, Outcome.ACCEPTED]
+    assert outcomes["s"] == [Outcome.ACCEPTED, Outcome.ACCEPTED]
+    assert Outcome.ACCEPTED not in outcomes["bad"]
+    packet = sender.protect(b"after eviction", cluster.now)
+    assert cluster.members["good"].unprotect(packet, cluster.now)[1] == b"after eviction"
+    with pytest.raises(UnknownSPI):
+        evicted.unprotect(packet, cluster.now)
+    # The evicted identity stays out: a new Join of it changes nothing.
+    before = cluster.state.msg_id("demo")
+    cluster.rekey([Join("bad", Role.RECEIVER)], tek=False)
+    assert not cluster.state.is_member("demo", "bad")
+    assert cluster.state.msg_id("demo") == before
+
+
+def test_first_message_after_an_eviction_reveals_nothing_new_to_the_evicted() -> None:
+    cluster = Cluster()
+    cluster.join("a")
+    cluster.join("b")
+    old_kek = cluster.state.kek("demo")
+    first, _second = cluster.rekey(leaves=[Leave("b", LeaveReason.EVICT)])
+    body = RekeyBody.decode(
+        open_rekey(
+            first.datagram,
+            group="demo",
+            keks={old_kek.spi: old_kek},
+            verify_key=Ed25519PrivateKey.from_private_bytes(seed(1)).public_key(),
+            last_msg_id=0,
+        ).body
+    )
+    assert body.teks == ()
+    assert body.kek is not None
+    assert not hasattr(body.kek, "key")  # the new KEK only travels wrapped
+
+
+def test_new_member_cannot_read_data_sent_before_its_join_rekey() -> None:
+    cluster = Cluster()
+    sender = cluster.join("s", Role.SENDER)
+    old_tek = sender.sending_tek(cluster.now)
+    before = sender.protect(b"before join", cluster.now)
+    late = cluster.join("late")
+    assert old_tek is not None
+    assert all(tek.key != old_tek.key for tek in late.teks)
+    with pytest.raises((UnknownSPI, KeyExpired)):
+        late.unprotect(before, cluster.now)
+
+
+def test_member_who_knows_the_kek_cannot_forge_a_rekey() -> None:
+    cluster = Cluster()
+    victim = cluster.join("v")
+    cluster.join("attacker")
+    kek = cluster.state.kek("demo")
+    forged = seal_rekey(
+        group="demo",
+        kek=kek,
+        msg_id=victim.msg_id + 1,
+        body=RekeyBody(reason="forged").encode(),
+        signer=Ed25519PrivateKey.generate(),
+    )
+    with pytest.raises(BadSignature):
+        victim.handle_rekey(forged, cluster.now)
+
+
+def test_gap_in_message_ids_asks_for_resync_not_a_guess() -> None:
+    cluster = Cluster()
+    cluster.join("a")
+    lagging = cluster.join("b")
+    missed = cluster.rekey()
+    cluster.deliver(missed, to=["a"])
+    nxt = cluster.rekey()
+    result = lagging.handle_rekey(nxt[0].datagram, cluster.now)
+    assert result.outcome is Outcome.RESYNC
+    assert lagging.msg_id == missed[0].msg_id - 1
+
+
+def test_copies_from_other_nodes_are_duplicates_without_crypto() -> None:
+    cluster = Cluster()
+    member = cluster.join("a")
+    out = cluster.rekey()
+    assert member.handle_rekey(out[0].datagram, cluster.now).outcome is Outcome.ACCEPTED
+    # A copy with a broken signature is still just a duplicate: dropped by id alone.
+    tampered = out[0].datagram[:-1] + bytes([out[0].datagram[-1] ^ 1])
+    assert member.handle_rekey(tampered, cluster.now).outcome is Outcome.DUPLICATE
+
+
+def test_receiver_rejoin_is_idempotent_and_sender_rejoin_gets_a_fresh_sender_id() -> None:
+    cluster = Cluster()
+    cluster.join("r")
+    sender = cluster.join("s", Role.SENDER)
+    msg = cluster.state.msg_id("demo")
+    assert cluster.rekey([Join("r", Role.RECEIVER)], tek=False) == []
+    assert cluster.state.msg_id("demo") == msg
+    cluster.rekey([Join("s", Role.SENDER)], tek=False)
+    again = cluster.state.gsa("demo", "s", request_id=2, nodes=())
+    assert again.sender_id is not None
+    assert again.sender_id != sender.sender_id
+
+
+def test_sender_ids_are_never_reused_within_a_group() -> None:
+    cluster = Cluster()
+    ids = []
+    for i in range(4):
+        cluster.join(f"s{i}", Role.SENDER)
+        ids.append(cluster.state.gsa("demo", f"s{i}", request_id=0, nodes=()).sender_id)
+        cluster.rekey(leaves=[Leave(f"s{i}", LeaveReason.DEREGISTER)])
+    assert len(set(ids)) == 4
+
+
+def test_deleting_a_group_sends_a_signed_termination_that_drops_all_keys() -> None:
+    cluster = Cluster()
+    member = cluster.join("a")
+    out = cluster.commit(DeleteGroup("demo", cluster.now, "decommissioned"))
+    assert out[0].terminate
+    result = member.handle_rekey(out[0].datagram, cluster.now)
+    assert result.outcome is Outcome.TERMINATED
+    assert member.teks == ()
+    assert not cluster.state.has_group("demo")
+
+
+def test_policy_update_reaches_members() -> None:
+    cluster = Cluster()
+    member = cluster.join("a")
+    cluster.deliver(cluster.commit(UpdatePolicy(policy(retransmit_count=5), cluster.now)))
+    assert member.policy.retransmit_count == 5
+
+
+def test_snapshot_restore_then_same_commands_give_identical_bytes() -> None:
+    cluster = Cluster()
+    for i in range(4):
+        cluster.join(f"m{i}", Role.SENDER if i % 2 else Role.RECEIVER)
+    cluster.rekey(leaves=[Leave("m1", LeaveReason.EVICT)])
+    restored = GroupState.restore(cluster.state.snapshot())
+    assert restored.snapshot() == cluster.state.snapshot()
+    cluster.nodes.append(restored)
+    cluster.rekey([Join("m9", Role.SENDER)])  # commit() asserts all three agree
+    cluster.rekey(leaves=[Leave("m0", LeaveReason.DEREGISTER)])
+
+
+def test_corrupt_snapshot_is_a_typed_error() -> None:
+    with pytest.raises(StateError):
+        GroupState.restore(b"\x93\x01\x02")
+
+
+def test_old_tek_accepted_until_deactivation_then_rejected() -> None:
+    cluster = Cluster(deactivation_delay_ms=5000)
+    sender = cluster.join("s", Role.SENDER)
+    receiver = cluster.join("r")
+    old_packet = sender.protect(b"in flight", cluster.now)
+    cluster.deliver(cluster.rekey(tek=True))
+    assert receiver.unprotect(old_packet, cluster.now + 4000)[1] == b"in flight"
+    replay = sender.protect(b"x", cluster.now)  # already under the new TEK
+    assert receiver.unprotect(replay, cluster.now)[1] == b"x"
+    with pytest.raises(ProtocolError):
+        receiver.unprotect(old_packet, cluster.now + 6000)
+
+
+@settings(max_examples=25)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["join", "leave", "evict", "tek", "kek"]), st.integers(0, 7)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_random_membership_histories_keep_members_and_nodes_in_agreement(
+    ops: list[tuple[str, int]],
+) -> None:
+    cluster = Cluster()
+    gone: set[str] = set()
+    for op, n in ops:
+        mid = f"m{n}"
+        if op == "join" and mid not in cluster.members and mid not in gone:
+            cluster.join(mid, Role.SENDER if n % 2 else Role.RECEIVER)
+        elif op in ("leave", "evict") and mid in cluster.members:
+            reason = LeaveReason.EVICT if op == "evict" else LeaveReason.DEREGISTER
+            out = cluster.rekey(leaves=[Leave(mid, reason)])
+            departed = cluster.members.pop(mid)
+            cluster.deliver(out)
+            for item in out:
+                try:
+                    outcome = departed.handle_rekey(item.datagram, cluster.now).outcome
+                except DecryptError:
+                    continue
+                assert outcome is not Outcome.ACCEPTED
+            if op == "evict":
+                gone.add(mid)
+        elif op == "tek":
+            cluster.deliver(cluster.rekey())
+        elif op == "kek":
+            cluster.deliver(cluster.rekey(tek=False, refresh_kek=True))
+    for keys in cluster.members.values():
+        assert keys.kek == cluster.state.kek("demo")
+        assert keys.msg_id == cluster.state.msg_id("demo")
+
+
+def test_restoring_a_backup_brings_back_its_groups_without_rewinding_message_ids() -> None:
+    cluster = Cluster()
+    cluster.join("a")
+    backup = cluster.state.snapshot()
+    saved_kek = cluster.state.kek("demo")
+    cluster.join("b")
+    cluster.rekey()
+    msg_before = cluster.state.msg_id("demo")
+    cluster.commit(RestoreState(backup, cluster.now))
+    assert cluster.state.kek("demo") == saved_kek
+    assert [m.member_id for m in cluster.state.members("demo")] == ["a"]
+    assert cluster.state.msg_id("demo") == msg_before
+    # The next rekey continues above every id members have seen.
+    assert cluster.rekey()[0].msg_id == msg_before + 1
