@@ -23,7 +23,7 @@ class Entry:
     term: int
     index: int
     type: EntryType = EntryType.NORMAL
-    data: bytes = b""
+    data: bytes = field(default=b"", repr=False)  # commands carry key material
 
 
 @dataclass(frozen=True, slots=True)
