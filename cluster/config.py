@@ -120,6 +120,7 @@ class RaftTiming:
     tick_ms: int = 100
     election_ticks: int = 10
     heartbeat_ticks: int = 1
+    snapshot_entries: int = 10_000  # applied entries between snapshots (log compaction)
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,6 +169,10 @@ class NodeConfig:
     multicast: MulticastConfig = MulticastConfig()
     groups: tuple[GroupPolicy, ...] = ()
     log_level: str = "info"
+    # True: a node added to a running cluster (scale-out, a learner, a wiped node
+    # re-added): it starts with no configuration and waits for the leader, instead
+    # of bootstrapping a cluster of every [peers] entry.
+    join: bool = False
 
     @property
     def other_peers(self) -> dict[str, PeerEntry]:
@@ -191,6 +196,7 @@ KEYS: Final = (
     "admin_listen",
     "storage_key_file",
     "log_level",
+    "join",
     "tls.cluster_ca",
     "tls.member_ca",
     "tls.cert",
@@ -198,6 +204,7 @@ KEYS: Final = (
     "raft.tick_ms",
     "raft.election_ticks",
     "raft.heartbeat_ticks",
+    "raft.snapshot_entries",
     "peer_link.connect_timeout_ms",
     "peer_link.handshake_timeout_ms",
     "peer_link.write_timeout_ms",
@@ -219,6 +226,7 @@ _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
     "raft.tick_ms": (1, 60_000),
     "raft.election_ticks": (2, 10_000),
     "raft.heartbeat_ticks": (1, 1_000),
+    "raft.snapshot_entries": (1, 100_000_000),
     "peer_link.connect_timeout_ms": (1, 600_000),
     "peer_link.handshake_timeout_ms": (1, 600_000),
     "peer_link.write_timeout_ms": (1, 600_000),
@@ -279,6 +287,9 @@ def write_storage_key_file(path: Path) -> None:
     with os.fdopen(fd, "w") as out:
         os.fchmod(out.fileno(), 0o600)
         out.write(secrets.token_hex(STORAGE_KEY_BYTES) + "\n")
+
+
+_ENV_BOOLS: Final = {"true": True, "1": True, "false": False, "0": False}
 
 
 class _Validator:
@@ -365,6 +376,7 @@ class _Validator:
             multicast=multicast,
             groups=self._group_list(),
             log_level=self._get("log_level", "info", self._log_level),
+            join=self._bool("join", False),
         )
         _check_tls(config)
         return config
@@ -405,6 +417,16 @@ class _Validator:
                 raise TypeError(f"expected an integer, got {_describe(value)}")
             if not lo <= value <= hi:
                 raise ValueError(f"must be in {lo}..{hi}, got {value}")
+            return value
+
+        return self._get(key, default, convert)
+
+    def _bool(self, key: str, default: bool) -> bool:
+        def convert(value: object, from_env: bool) -> bool:
+            if from_env and isinstance(value, str) and value.lower() in _ENV_BOOLS:
+                return _ENV_BOOLS[value.lower()]
+            if not isinstance(value, bool):
+                raise TypeError(f"expected true or false, got {_describe(value)}")
             return value
 
         return self._get(key, default, convert)

@@ -27,6 +27,7 @@ draw randomness, do I/O, or put key material in a log line, error or repr.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -75,6 +76,9 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_FORMAT: Final = 1
 AUDIT_LIMIT: Final = 10_000  # audit records kept in the replicated state (all are logged)
+# A proposal re-sent after a leader change may commit twice; the second copy is
+# recognised by its digest (every command carries fresh random seeds) and skipped.
+DEDUPE_LIMIT: Final = 4096
 MAX_SENDER_ID: Final = 0xFFFF_FFFF
 
 
@@ -198,6 +202,7 @@ class GroupState:
     def __init__(self) -> None:
         self._groups: dict[str, _Group] = {}
         self._audit: deque[AuditRecord] = deque(maxlen=AUDIT_LIMIT)
+        self._seen: dict[bytes, None] = {}  # digests of recent commands, oldest first
         self.applied_index = 0
 
     # ------------------------------------------------------------------ reads
@@ -279,6 +284,12 @@ class GroupState:
         self.applied_index = index
         if not data:
             return ApplyResult()
+        digest = hashlib.sha256(data).digest()
+        if digest in self._seen:
+            return ApplyResult(rejected="duplicate of an applied proposal")
+        self._seen[digest] = None
+        if len(self._seen) > DEDUPE_LIMIT:
+            del self._seen[next(iter(self._seen))]
         try:
             command = decode_command(data)
         except DecodeError as exc:
@@ -562,7 +573,7 @@ class GroupState:
                 ]
             )
         audit = [[a.index, a.time_ms, a.group, a.event, a.member, a.detail] for a in self._audit]
-        return packb([SNAPSHOT_FORMAT, self.applied_index, groups, audit])
+        return packb([SNAPSHOT_FORMAT, self.applied_index, groups, audit, list(self._seen)])
 
     @classmethod
     def restore(cls, data: bytes) -> GroupState:
@@ -574,7 +585,9 @@ class GroupState:
 
     @classmethod
     def _restore(cls, data: bytes) -> GroupState:
-        fmt, applied, groups, audit = read_record(unpackb(data, max_size=len(data)), "snapshot", 4)
+        fmt, applied, groups, audit, seen = read_record(
+            unpackb(data, max_size=len(data)), "snapshot", 5
+        )
         if read_int(fmt, "snapshot.format", 0, 255) != SNAPSHOT_FORMAT:
             raise StateError("unknown snapshot format")
         state = cls()
@@ -613,6 +626,8 @@ class GroupState:
             if set(records) != set(g.tree.members):
                 raise StateError(f"{name}: members and key tree disagree")
             state._groups[g.policy.group_id] = g
+        for digest in read_list(seen, "snapshot.seen", DEDUPE_LIMIT):
+            state._seen[read_bytes(digest, "snapshot.seen", 32, 32)] = None
         for raw in read_list(audit, "snapshot.audit", AUDIT_LIMIT):
             index, time_ms, group, event, member, detail = read_record(raw, "audit", 6)
             state._audit.append(

@@ -147,7 +147,7 @@ async def _start(nursery: trio.Nursery, transport: PeerTransport) -> Address:
 async def _wait_until(condition: Callable[[], bool]) -> None:
     """Wait for a condition the transport reaches on its own (bounded by the caller)."""
     # The transport exposes counters, not events: polling them is the test's only view.
-    while not condition():  # noqa: ASYNC110
+    while not condition():
         await trio.sleep(0.005)
 
 

@@ -384,3 +384,26 @@ def test_restoring_a_backup_brings_back_its_groups_without_rewinding_message_ids
     assert cluster.state.msg_id("demo") == msg_before
     # The next rekey continues above every id members have seen.
     assert cluster.rekey()[0].msg_id == msg_before + 1
+
+
+def test_a_proposal_committed_twice_applies_once() -> None:
+    cluster = Cluster()
+    cluster.join("a")
+    command = Rekey(
+        group="demo",
+        joins=(Join("s", Role.SENDER),),
+        leaves=(),
+        tree_seed=seed(7),
+        tek_key=seed(8),
+        refresh_kek=False,
+        now_ms=cluster.now,
+        reason="re-sent after a leader change",
+    )
+    first = cluster.commit(command)
+    sender_id = cluster.state.gsa("demo", "s", request_id=0, nodes=()).sender_id
+    assert first
+    assert cluster.commit(command) == []  # the second copy changes nothing
+    assert cluster.state.gsa("demo", "s", request_id=0, nodes=()).sender_id == sender_id
+    restored = GroupState.restore(cluster.state.snapshot())
+    cluster.nodes.append(restored)
+    assert cluster.commit(command) == []  # remembered across snapshots too

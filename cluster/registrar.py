@@ -1,0 +1,309 @@
+"""The member listener: registration (REG SA) and unicast rekey push.
+
+A member connects over TLS 1.3 with a member-CA certificate; its identity
+(`urn:gcks:member:ID`) is checked right after the handshake. It then sends
+length-prefixed messages: `RegisterRequest` or `DeregisterRequest`. A join is
+authorized by the group's policy, handed to the rekeyer's batch and answered
+only after the batch's command is committed and applied here: the GSA is
+built at that exact log index, so any node would have answered the same.
+Failures are typed `ErrorAnswer`s (unknown group, unauthorized, no quorum
+within the deadline), never a hang.
+
+The connection then stays open: every rekey datagram this node applies for
+the member's groups is pushed to it as a `RekeyPush` (the same bytes as the
+multicast copy), for networks that multicast does not reach.
+
+May import trio, `gcks.proto`, `gcks.cluster` (tls, state, rekeyer, driver).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import ssl
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from gcks.cluster.commands import LeaveReason
+from gcks.cluster.config import Address
+from gcks.cluster.driver import NoQuorum, RaftDriver
+from gcks.cluster.raft.errors import NotLeader, RaftError
+from gcks.cluster.rekeyer import Rekeyer
+from gcks.cluster.state import ApplyResult, Outbound
+from gcks.cluster.tls import verify_peer
+from gcks.proto.codec import FrameDecoder, encode_frame
+from gcks.proto.errors import IdentityError, ProtocolError
+from gcks.proto.identity import Role as CertRole
+from gcks.proto.messages import (
+    DeregisterAnswer,
+    DeregisterRequest,
+    ErrorAnswer,
+    ErrorCode,
+    GsaAnswer,
+    Message,
+    NodeEndpoint,
+    RegisterRequest,
+    RekeyPush,
+    decode_message,
+)
+from gcks.proto.policy import Role
+
+log = logging.getLogger(__name__)
+
+_RECEIVE_CHUNK = 65536
+MAX_REQUEST_FRAME = 64 * 1024  # members send small requests; answers can be large
+
+
+@dataclass(frozen=True, slots=True)
+class RegistrarSettings:
+    handshake_timeout_s: float = 5.0
+    request_timeout_s: float = 15.0  # batch interval + commit; then NO_QUORUM
+    push_queue: int = 256  # pushes buffered per member before it is cut off (it resyncs)
+    max_connections: int = 100_000
+
+
+@dataclass
+class RegistrarStats:
+    connections: int = 0
+    refused: int = 0
+    registrations: int = 0
+    registration_errors: int = 0
+    bad_frames: int = 0
+    pushes: int = 0
+    pushes_dropped: int = 0
+
+
+class _MemberLink:
+    """One member connection: its identity, groups and bounded push queue."""
+
+    def __init__(self, member_id: str, queue_size: int) -> None:
+        self.member_id = member_id
+        self.groups: set[str] = set()
+        self.send, self.outgoing = trio.open_memory_channel[bytes](queue_size)
+
+
+class Registrar:
+    def __init__(
+        self,
+        driver: RaftDriver,
+        rekeyer: Rekeyer,
+        nodes: Sequence[NodeEndpoint],
+        context: ssl.SSLContext,
+        settings: RegistrarSettings,
+    ) -> None:
+        self._driver = driver
+        self._rekeyer = rekeyer
+        self._nodes = tuple(nodes)
+        self._context = context
+        self._settings = settings
+        self._attached: dict[str, set[_MemberLink]] = defaultdict(set)
+        # GSAs built at the index where the member's join applied, per (group, member).
+        self._answers: dict[tuple[str, str], GsaAnswer] = {}
+        self._waiting: dict[tuple[str, str], int] = defaultdict(int)
+        self.stats = RegistrarStats()
+
+    # ------------------------------------------------------------ apply hook
+
+    def on_apply(self, result: ApplyResult) -> None:
+        """Called by the node for every applied entry, before anything else runs."""
+        state = self._driver.state
+        for group, member_id in result.joined:
+            if self._waiting.get((group, member_id)) and state.is_member(group, member_id):
+                self._answers[(group, member_id)] = state.gsa(
+                    group, member_id, request_id=0, nodes=self._nodes
+                )
+
+    def push(self, outbound: Outbound) -> None:
+        """Queue a rekey datagram to every member attached for its group."""
+        frame = encode_frame(RekeyPush(outbound.datagram).encode())
+        for link in tuple(self._attached.get(outbound.group, ())):
+            try:
+                link.send.send_nowait(frame)
+                self.stats.pushes += 1
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                # A member that cannot keep up misses this copy; the gap makes
+                # it re-register, which is cheaper than unbounded buffering.
+                self.stats.pushes_dropped += 1
+        if outbound.terminate:
+            for link in self._attached.pop(outbound.group, set()):
+                link.groups.discard(outbound.group)
+
+    def detach(self, group: str, member_id: str) -> None:
+        for link in tuple(self._attached.get(group, ())):
+            if link.member_id == member_id:
+                self._attached[group].discard(link)
+                link.groups.discard(group)
+
+    @property
+    def attached(self) -> int:
+        return sum(len(links) for links in self._attached.values())
+
+    # ----------------------------------------------------------------- serve
+
+    async def serve(
+        self,
+        listen: Address,
+        *,
+        task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
+        bound = [Address(*ln.socket.getsockname()[:2]) for ln in listeners]
+        log.info("member listener on %s", ", ".join(map(str, bound)))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            task_status.started(bound)
+
+    async def _handle(self, tcp: trio.SocketStream) -> None:
+        remote = _remote(tcp)
+        self.stats.connections += 1
+        stream = trio.SSLStream(tcp, self._context, server_side=True)
+        try:
+            with trio.fail_after(self._settings.handshake_timeout_s):
+                await stream.do_handshake()
+            identity = verify_peer(stream, CertRole.MEMBER)
+        except (trio.BrokenResourceError, trio.TooSlowError, IdentityError) as exc:
+            self.stats.refused += 1
+            log.warning("member connection from %s refused: %s", remote, _reason(exc))
+            await trio.aclose_forcefully(stream)
+            return
+        link = _MemberLink(identity.id, self._settings.push_queue)
+        log.info("member %s connected from %s", identity.id, remote)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._writer, stream, link)
+                await self._reader(stream, link)
+                nursery.cancel_scope.cancel()
+        finally:
+            for group in link.groups:
+                self._attached[group].discard(link)
+            await trio.aclose_forcefully(stream)
+            log.info("member %s disconnected", identity.id)
+
+    async def _writer(self, stream: trio.SSLStream[Any], link: _MemberLink) -> None:
+        try:
+            async for frame in link.outgoing:
+                await stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    async def _reader(self, stream: trio.SSLStream[Any], link: _MemberLink) -> None:
+        decoder = FrameDecoder(MAX_REQUEST_FRAME)
+        try:
+            while True:
+                data = await stream.receive_some(_RECEIVE_CHUNK)
+                if not data:
+                    return
+                decoder.feed(bytes(data))
+                for frame in decoder:
+                    message = decode_message(frame)
+                    answer = await self._dispatch(link, message)
+                    await link.send.send(encode_frame(answer.encode()))
+        except ProtocolError as exc:
+            self.stats.bad_frames += 1
+            log.warning("member %s sent a bad frame, connection dropped: %s", link.member_id, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+
+    async def _dispatch(
+        self, link: _MemberLink, message: Message
+    ) -> GsaAnswer | ErrorAnswer | DeregisterAnswer:
+        match message:
+            case RegisterRequest():
+                return await self._register(link, message)
+            case DeregisterRequest():
+                return await self._deregister(link, message)
+            case _:
+                raise _UnexpectedMessage(f"{type(message).__name__} is not a request")
+
+    async def _register(self, link: _MemberLink, req: RegisterRequest) -> GsaAnswer | ErrorAnswer:
+        member_id, state = link.member_id, self._driver.state
+
+        newly_attached = False
+
+        def error(code: ErrorCode, text: str, hint: str | None = None) -> ErrorAnswer:
+            if newly_attached:
+                link.groups.discard(req.group)
+                self._attached[req.group].discard(link)
+            self.stats.registration_errors += 1
+            log.info("registration of %s to %s refused: %s", member_id, req.group, text)
+            return ErrorAnswer(req.request_id, code, text, hint)
+
+        if not state.has_group(req.group):
+            return error(ErrorCode.UNKNOWN_GROUP, f"no group {req.group!r}")
+        policy = state.policy(req.group)
+        if req.role not in policy.roles_for(member_id) or state.is_banned(req.group, member_id):
+            return error(ErrorCode.UNAUTHORIZED, f"{member_id} may not join as {req.role}")
+        if policy.source_auth and req.role is Role.SENDER and req.sender_key is None:
+            return error(ErrorCode.BAD_REQUEST, "source authentication needs a sender key")
+        key = (req.group, member_id)
+        self._waiting[key] += 1
+        # Attach before the join commits: a rekey applied between the answer and
+        # the member's first read must still reach it (the member holds pushes
+        # that arrive before the answer and drops the ones it already has).
+        newly_attached = req.group not in link.groups
+        link.groups.add(req.group)
+        self._attached[req.group].add(link)
+        try:
+            with trio.fail_after(self._settings.request_timeout_s):
+                await self._rekeyer.join(req.group, member_id, req.role, req.sender_key)
+            answer = self._answers.get(key)
+        except NotLeader as exc:
+            return error(ErrorCode.NO_QUORUM, "no leader reachable", exc.leader_hint)
+        except (NoQuorum, trio.TooSlowError, RaftError) as exc:
+            return error(ErrorCode.NO_QUORUM, f"not committed in time: {exc}")
+        finally:
+            self._waiting[key] -= 1
+            if not self._waiting[key]:
+                del self._waiting[key]
+                self._answers.pop(key, None)
+        if answer is None:
+            return error(ErrorCode.UNAUTHORIZED, "the join was not applied (evicted?)")
+        self.stats.registrations += 1
+        log.info(
+            "registered %s to %s as %s (msg %d, kek %s)",
+            member_id,
+            req.group,
+            req.role,
+            answer.msg_id,
+            answer.kek.fingerprint,
+        )
+        return dataclasses.replace(answer, request_id=req.request_id)
+
+    async def _deregister(
+        self, link: _MemberLink, req: DeregisterRequest
+    ) -> DeregisterAnswer | ErrorAnswer:
+        state = self._driver.state
+        if not state.is_member(req.group, link.member_id):
+            return ErrorAnswer(req.request_id, ErrorCode.NOT_REGISTERED, "not a member")
+        try:
+            with trio.fail_after(self._settings.request_timeout_s):
+                await self._rekeyer.leave(req.group, link.member_id, LeaveReason.DEREGISTER)
+        except NotLeader as exc:
+            return ErrorAnswer(
+                req.request_id, ErrorCode.NO_QUORUM, "no leader reachable", exc.leader_hint
+            )
+        except (NoQuorum, trio.TooSlowError, RaftError) as exc:
+            return ErrorAnswer(req.request_id, ErrorCode.NO_QUORUM, f"not committed: {exc}")
+        self.detach(req.group, link.member_id)
+        link.groups.discard(req.group)
+        return DeregisterAnswer(req.request_id, req.group)
+
+
+class _UnexpectedMessage(ProtocolError):
+    """A member sent a message that is not a request (an answer, a push...)."""
+
+
+def _remote(tcp: trio.SocketStream) -> str:
+    try:
+        host, port = tcp.socket.getpeername()[:2]
+    except OSError:
+        return "?"
+    return f"{host}:{port}"
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__

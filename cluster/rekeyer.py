@@ -1,0 +1,231 @@
+"""Decides when a group's keys change, and makes the commands that change them.
+
+Two sources of rekeys (DESIGN.md "Rekey"):
+- membership: joins and leaves are coalesced per group over the policy's
+  batch interval into one `Rekey` command, so a burst of registrations costs
+  one LKH update and one multicast message, not one each;
+- lifetimes: on the leader only, a TEK close to expiry gets a successor
+  (early enough for its activation delay), and a KEK close to expiry is
+  refreshed through the LKH tree; an administrator can force either.
+
+This is where fresh key material and the wall clock enter the system: the
+seeds and TEKs are drawn here with `os.urandom` and travel inside the command,
+so applying it on every node gives the same keys.
+
+May import trio and `gcks.cluster` (driver, state, commands). Never logs keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from gcks.cluster.commands import (
+    CreateGroup,
+    Join,
+    Leave,
+    LeaveReason,
+    Rekey,
+    encode_command,
+)
+from gcks.cluster.driver import RaftDriver
+from gcks.cluster.raft.types import Role as RaftRole
+from gcks.cluster.state import ApplyResult
+from gcks.proto.policy import GroupPolicy, Role
+
+log = logging.getLogger(__name__)
+
+
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class RekeyerSettings:
+    request_timeout_s: float = 10.0  # how long a registration may wait for its commit
+    check_interval_s: float = 1.0  # how often the leader checks key lifetimes
+    min_margin_ms: int = 5_000  # rekey at least this long before a key expires
+
+
+@dataclass
+class _Batch:
+    joins: dict[str, Join] = field(default_factory=dict)
+    leaves: dict[str, Leave] = field(default_factory=dict)
+    done: trio.Event = field(default_factory=trio.Event)
+    result: ApplyResult | None = None
+    error: BaseException | None = None
+
+
+class Rekeyer:
+    """Membership batching and lifetime-driven rekeys for every group of a node."""
+
+    def __init__(
+        self,
+        driver: RaftDriver,
+        settings: RekeyerSettings,
+        *,
+        bootstrap_groups: tuple[GroupPolicy, ...] = (),
+        clock_ms: Callable[[], int] = wall_clock_ms,
+    ) -> None:
+        self._driver = driver
+        self._settings = settings
+        self._bootstrap = bootstrap_groups
+        self._clock_ms = clock_ms
+        self._batches: dict[str, _Batch] = {}
+        self._flush_send, self._flush_receive = trio.open_memory_channel[str](1024)
+        self.rekeys_proposed = 0
+
+    # ------------------------------------------------------------ membership
+
+    async def join(
+        self, group: str, member_id: str, role: Role, sender_key: bytes | None
+    ) -> ApplyResult:
+        """Add `member_id` to the group's next batch and wait for that batch's commit."""
+        batch = self._batch(group)
+        batch.joins[member_id] = Join(member_id, role, sender_key)
+        return await self._wait(batch)
+
+    async def leave(self, group: str, member_id: str, reason: LeaveReason) -> ApplyResult:
+        batch = self._batch(group)
+        batch.leaves[member_id] = Leave(member_id, reason)
+        return await self._wait(batch)
+
+    async def force(self, group: str, *, tek: bool = True, kek: bool = False) -> ApplyResult:
+        """An administrator's rekey: a new TEK, a refreshed KEK, or both."""
+        return await self._propose(
+            Rekey(
+                group=group,
+                joins=(),
+                leaves=(),
+                tree_seed=os.urandom(32),
+                tek_key=os.urandom(32) if tek else None,
+                refresh_kek=kek,
+                now_ms=self._clock_ms(),
+                reason="forced by administrator",
+            )
+        )
+
+    async def create_group(self, policy: GroupPolicy) -> ApplyResult:
+        return await self._propose(
+            CreateGroup(
+                policy=policy,
+                signing_seed=os.urandom(32),
+                tree_seed=os.urandom(32),
+                tek_key=os.urandom(32),
+                now_ms=self._clock_ms(),
+            )
+        )
+
+    def _batch(self, group: str) -> _Batch:
+        batch = self._batches.get(group)
+        if batch is None:
+            batch = self._batches[group] = _Batch()
+            self._flush_send.send_nowait(group)
+        return batch
+
+    async def _wait(self, batch: _Batch) -> ApplyResult:
+        await batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        assert batch.result is not None
+        return batch.result
+
+    # ------------------------------------------------------------------ tasks
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._flusher, nursery)
+            nursery.start_soon(self._lifetimes)
+            task_status.started()
+
+    async def _flusher(self, nursery: trio.Nursery) -> None:
+        async for group in self._flush_receive:
+            nursery.start_soon(self._flush_after_interval, group)
+
+    async def _flush_after_interval(self, group: str) -> None:
+        state = self._driver.state
+        interval_ms = state.policy(group).batch_interval_ms if state.has_group(group) else 0
+        await trio.sleep(interval_ms / 1000)
+        batch = self._batches.pop(group)
+        state = self._driver.state  # a snapshot install may have replaced it meanwhile
+        try:
+            policy = state.policy(group) if state.has_group(group) else None
+            newcomers = [m for m in batch.joins if not state.is_member(group, m)]
+            new_tek = policy is not None and (
+                (newcomers and policy.rekey_on_join) or (batch.leaves and policy.rekey_on_leave)
+            )
+            names = [*(f"+{m}" for m in batch.joins), *(f"-{m}" for m in batch.leaves)]
+            batch.result = await self._propose(
+                Rekey(
+                    group=group,
+                    joins=tuple(batch.joins.values()),
+                    leaves=tuple(batch.leaves.values()),
+                    tree_seed=os.urandom(32),
+                    tek_key=os.urandom(32) if new_tek else None,
+                    refresh_kek=False,
+                    now_ms=self._clock_ms(),
+                    reason="membership " + " ".join(names[:8]) + (" ..." if len(names) > 8 else ""),
+                )
+            )
+        except Exception as exc:  # handed to every waiter of the batch, not swallowed
+            batch.error = exc
+        finally:
+            batch.done.set()
+
+    async def _propose(self, command: CreateGroup | Rekey) -> ApplyResult:
+        result = await self._driver.propose(
+            encode_command(command), self._settings.request_timeout_s
+        )
+        self.rekeys_proposed += 1
+        return result
+
+    async def _lifetimes(self) -> None:
+        while True:
+            await trio.sleep(self._settings.check_interval_s)
+            if self._driver.status.role is not RaftRole.LEADER:
+                continue
+            try:
+                await self._leader_duties()
+            except Exception as exc:
+                # A lost proposal (leadership moved, no quorum) is retried on
+                # the next check by whichever node leads then.
+                log.warning("lifetime rekey check failed: %s", exc)
+
+    async def _leader_duties(self) -> None:
+        state = self._driver.state
+        for policy in self._bootstrap:
+            if not state.has_group(policy.group_id):
+                log.info("creating configured group %s", policy.group_id)
+                await self.create_group(policy)
+        for group in state.groups:
+            if not state.has_group(group):
+                continue
+            policy = state.policy(group)
+            now = self._clock_ms()
+            newest_tek = max((t.expiry_ms for t in state.teks(group)), default=0)
+            tek_margin = max(
+                self._settings.min_margin_ms,
+                policy.activation_delay_ms + policy.tek_lifetime_s * 100,  # 10% of lifetime
+            )
+            kek_margin = max(self._settings.min_margin_ms, policy.kek_lifetime_s * 100)
+            refresh_kek = state.kek(group).expiry_ms - now <= kek_margin
+            new_tek = newest_tek - now <= tek_margin
+            if new_tek or refresh_kek:
+                log.info("lifetime rekey of %s (tek=%s kek=%s)", group, new_tek, refresh_kek)
+                await self._propose(
+                    Rekey(
+                        group=group,
+                        joins=(),
+                        leaves=(),
+                        tree_seed=os.urandom(32),
+                        tek_key=os.urandom(32) if new_tek else None,
+                        refresh_kek=refresh_kek,
+                        now_ms=now,
+                        reason="key lifetime",
+                    )
+                )

@@ -1,0 +1,120 @@
+"""Three real nodes in one process on loopback: registration, identical keys, failover.
+
+Faster to debug than separate processes; the multi-process tests cover the
+same rules with `gcks node` processes and SIGKILL.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import trio
+
+from gcks.cluster.config import load_config
+from gcks.cluster.node import Node
+from tests.cluster.clusterkit import Kit, admin_call, make_kit, register
+
+
+async def start_cluster(kit: Kit, nursery: trio.Nursery) -> dict[str, Node]:
+    nodes = {}
+    for nid in kit.node_ids:
+        node = Node(load_config(kit.config(nid)))
+        await nursery.start(node.run)
+        nodes[nid] = node
+    return nodes
+
+
+async def wait_for_group(nodes: dict[str, Node], group: str = "demo") -> None:
+    with trio.fail_after(20):
+        while not all(
+            n.driver is not None and n.driver.state.has_group(group) for n in nodes.values()
+        ):
+            await trio.sleep(0.05)
+
+
+async def test_registration_at_every_node_gives_the_same_keys(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        await wait_for_group(nodes)
+        answers = [await register(kit, f"m{i + 1}", nid) for i, nid in enumerate(kit.node_ids)]
+        last = answers[-1]
+        # Every member registered at a different node; the last answer is the
+        # newest GSA: every node's state agrees with it.
+        for node in nodes.values():
+            assert node.driver is not None
+            with trio.fail_after(10):
+                while node.driver.state.msg_id("demo") < last.msg_id:
+                    await trio.sleep(0.02)
+            assert node.driver.state.kek("demo") == last.kek
+        nursery.cancel_scope.cancel()
+
+
+async def test_re_registration_at_any_node_returns_the_identical_gsa(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        await wait_for_group(nodes)
+        first = await register(kit, "m1", "n1")
+        again = [await register(kit, "m1", nid) for nid in kit.node_ids]
+        for answer in again:
+            assert dataclasses.replace(answer, request_id=first.request_id) == first
+        nursery.cancel_scope.cancel()
+
+
+async def test_registration_goes_on_after_the_leader_stops(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        scopes: dict[str, trio.CancelScope] = {}
+        nodes: dict[str, Node] = {}
+
+        async def run_node(nid: str, task_status: trio.TaskStatus[None]) -> None:
+            with trio.CancelScope() as scope:
+                scopes[nid] = scope
+                node = nodes[nid] = Node(load_config(kit.config(nid)))
+                await node.run(task_status=task_status)
+
+        for nid in kit.node_ids:
+            await nursery.start(run_node, nid)
+        await wait_for_group(nodes)
+        await register(kit, "m1", "n1")
+        leader = next(n for n, node in nodes.items() if node.status()["role"] == "leader")
+        scopes[leader].cancel()
+        survivors = [n for n in kit.node_ids if n != leader]
+        with trio.fail_after(20):
+            while True:
+                try:
+                    answer = await register(kit, "m2", survivors[0])
+                    break
+                except Exception:
+                    await trio.sleep(0.1)
+        assert answer.group == "demo"
+        nursery.cancel_scope.cancel()
+
+
+async def test_admin_evicts_a_member_and_lists_groups_from_any_node(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        await wait_for_group(nodes)
+        await register(kit, "m1", "n1")
+        await register(kit, "m2", "n2")
+        members = await admin_call(kit, "n3", "member.list", {"group": "demo"})
+        assert [m["member"] for m in members] == ["m1", "m2"]  # type: ignore[index, union-attr]
+        await admin_call(kit, "n2", "member.evict", {"group": "demo", "member": "m2"})
+        members = await admin_call(kit, "n1", "member.list", {"group": "demo"})
+        assert [m["member"] for m in members] == ["m1"]  # type: ignore[index, union-attr]
+        groups = await admin_call(kit, "n3", "group.list")
+        assert groups[0]["group"] == "demo"  # type: ignore[index]
+        status = await admin_call(kit, "n1", "status")
+        assert set(status) >= {
+            "id",
+            "role",
+            "term",
+            "leader",
+            "commit_index",
+            "applied_index",
+            "peers",
+        }  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
