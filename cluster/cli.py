@@ -4,6 +4,7 @@
     gcks dev init DIR --nodes N --members M [--base-port P] [--group demo] [--force]
     gcks node --config FILE [--check-config]
     gcks admin --config FILE [--json] AREA OP ...   (see gcks.cluster.admincli)
+    gcks demo
     gcks --version
 
 Exit status: 0 success; 1 the command failed (a file exists, a certificate
@@ -267,6 +268,10 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_admin_parser(commands)
+    commands.add_parser(
+        "demo",
+        help="run a 3-node cluster and members on loopback and narrate it (< 1 minute)",
+    )
 
     node = commands.add_parser("node", help="run one GCKS node")
     node.add_argument("--config", type=Path, required=True, metavar="FILE")
@@ -285,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _dev_init(args)
     if args.command == "admin":
         return _admin(args)
+    if args.command == "demo":
+        from gcks.cluster.demo import run_demo  # noqa: PLC0415 - only the demo needs it
+
+        return run_demo()
     return _node(args)
 
 

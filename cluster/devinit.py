@@ -162,6 +162,11 @@ def _group_policy(group: str, base_port: int) -> GroupPolicy:
                 "multicast_address": MULTICAST_ADDRESS,
                 "multicast_port": base_port + 500,
                 "authorize": [{"identity": "m*", "roles": ["sender", "receiver"]}],
+                # Snappier than the production defaults, for a loopback playground:
+                # joins coalesce over 200 ms, a new TEK is used after 500 ms.
+                "batch_interval_ms": 200,
+                "activation_delay_ms": 500,
+                "deactivation_delay_ms": 5000,
             }
         )
     except PolicyError as exc:

@@ -44,7 +44,7 @@ from gcks.member.datagram import (
     open_send_socket,
     open_unicast_socket,
 )
-from gcks.member.member import Event, Member, MemberError
+from gcks.member.member import Event, Member, MemberError, wall_clock_ms
 from gcks.member.tls import MemberTlsError
 from gcks.proto.errors import DecodeError
 from gcks.proto.messages import parse_host_port
@@ -149,6 +149,11 @@ async def _join(_member: Member, _out: Output) -> None:
 def _send_body(args: argparse.Namespace, config: MemberConfig) -> Body:
     async def send(member: Member, out: Output) -> None:
         destination = args.to or data_endpoint(member.gsa.policy)
+        # A TEK given at registration may activate later (the policy's activation
+        # delay gives receivers time to learn it): wait for it, within that delay.
+        with trio.move_on_after(member.gsa.policy.activation_delay_ms / 1000 + 5):
+            while member.gsa.sending_tek(wall_clock_ms()) is None:
+                await trio.sleep(0.05)
         sock = open_send_socket(config.rekey.multicast_interface, args.ttl)
         with Sender(sock, member.protect, destination) as sender:
             for number in range(1, args.count + 1):

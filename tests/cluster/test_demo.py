@@ -1,0 +1,33 @@
+"""`gcks demo`, the README's first command, run as a user would run it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_succeeds_and_leaves_no_process_or_file_behind(tmp_path: Path) -> None:
+    gcks = str(Path(sys.executable).parent / "gcks")
+    before = set(Path(tempfile.gettempdir()).glob("gcks-demo-*"))
+    result = subprocess.run(
+        [gcks, "demo"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "registered with" in out
+    assert "decrypted from sender" in out
+    assert "m5 left" in out
+    assert "failed over" in out
+    assert "members agree with the nodes on the KEK: yes" in out
+    assert out.rstrip().endswith("demo OK")
+    assert set(Path(tempfile.gettempdir()).glob("gcks-demo-*")) == before
+    leftovers = subprocess.run(
+        ["pgrep", "-f", "gcks-demo-"], capture_output=True, text=True, check=False
+    )
+    assert leftovers.stdout.strip() == ""
