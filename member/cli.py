@@ -151,9 +151,10 @@ def _send_body(args: argparse.Namespace, config: MemberConfig) -> Body:
         destination = args.to or data_endpoint(member.gsa.policy)
         # A TEK given at registration may activate later (the policy's activation
         # delay gives receivers time to learn it): wait for it, within that delay.
-        with trio.move_on_after(member.gsa.policy.activation_delay_ms / 1000 + 5):
-            while member.gsa.sending_tek(wall_clock_ms()) is None:
-                await trio.sleep(0.05)
+        now = wall_clock_ms()
+        upcoming = [t.activation_ms for t in member.gsa.teks if t.expiry_ms > now]
+        if member.gsa.sending_tek(now) is None and upcoming:
+            await trio.sleep(max(0, min(upcoming) - now) / 1000)
         sock = open_send_socket(config.rekey.multicast_interface, args.ttl)
         with Sender(sock, member.protect, destination) as sender:
             for number in range(1, args.count + 1):
