@@ -224,6 +224,7 @@ async def test_random_bytes_at_every_listener_change_nothing(tmp_path: Path) -> 
         await cluster.wait_group()
         before = await converge(cluster)
         ports = kit.ports["n1"]
+
         async def garbage(kind: str, size: int) -> None:
             stream = await trio.open_tcp_stream("127.0.0.1", ports[kind])
             try:
