@@ -32,8 +32,10 @@ def run_seeds(
 ) -> list[SeedResult]:
     """Results of the seeds that ran, in seed order. The list ends at the first
     result for which `stop_when` is true (later seeds may have run in parallel,
-    their results are dropped). Worker processes are forked, so a monkeypatch
-    applied before the call is in effect in them too."""
+    their results are dropped). Worker processes are spawned, not forked:
+    forking a test process whose other threads (trio's worker-thread cache,
+    for one) hold a lock deadlocks the child. So a monkeypatch applied before
+    the call is NOT in effect in workers: patched runs use `jobs=1`."""
     work = [(seed, size, options) for seed in seeds]
     results: list[SeedResult] = []
     if jobs <= 1:
@@ -44,7 +46,7 @@ def run_seeds(
                 break
         return results
     chunk = max(1, min(25, len(work) // (jobs * 8)))
-    with multiprocessing.get_context("fork").Pool(jobs) as pool:
+    with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         for result in pool.imap(_run_one, work, chunksize=chunk):
             results.append(result)
             if stop_when is not None and stop_when(result):

@@ -36,7 +36,7 @@ def _hunt(options: SimOptions | None = None) -> SeedResult | None:
         results = run_seeds(
             range(DEFAULT_SEEDS),
             size,
-            jobs=2,
+            jobs=1,  # a patch lives in this process only (workers are spawned)
             options=options,
             stop_when=_is_safety_violation,
         )
