@@ -1,0 +1,387 @@
+"""Benchmark: member registrations per second against a 3-node cluster, and the TLS ceiling.
+
+Every member certificate of a fresh kit registers once (a real join: LKH
+update, Raft commit on a majority with fsync, GSA answer) over its own TLS 1.3
+connection to one of the three `gcks node` processes (members spread round
+robin), with `--concurrency` registrations in flight. Each registration is
+timed from the TCP connect to the GSA answer; the connection is then closed.
+
+The anchor, in the same run, is the ceiling: the same load generator, the same
+member certificates and the same TLS contexts (`member_server_context`,
+`member_client_context`) against three trivial trio TLS servers (three
+processes, like the nodes) that complete the mutual TLS 1.3 handshake, check
+the member identity, answer one byte and close. `ratio` = our
+registrations/s / anchor handshakes/s (target >= 0.7).
+
+The policy's batch interval coalesces joins into one rekey; it is a floor on
+the latency of a registration and is reported (`batch_interval_ms`).
+
+Run: `python -m tests.bench.registration [--members 500] [--concurrency 50]`
+from the repository root. The last stdout line is the JSON result. Every
+process started here is killed on exit, error or Ctrl-C. Loopback only.
+
+The other cluster benchmarks import from here (one load generator and one
+way of running everywhere): `run_bench`, `run_load`, `percentiles`,
+`member_contexts`, `registration_job`, `TICK_MS`, `TIMEOUT_S`, `log`.
+
+May import trio, `gcks` and the cluster test kits. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gcks.cluster import pki
+from gcks.cluster.tls import member_server_context, verify_peer
+from gcks.member.session import Session
+from gcks.member.tls import member_client_context, verify_node
+from gcks.proto.errors import IdentityError
+from gcks.proto.identity import Role as CertRole
+from gcks.proto.policy import Role
+from tests.cluster.clusterkit import Kit, free_ports, make_kit
+from tests.cluster.processes import running_cluster
+
+TIMEOUT_S = 20.0  # one registration; far above any healthy latency
+TICK_MS = 100  # the product's default Raft tick (the test kit's default is faster)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def run_bench(fn: Callable[..., Awaitable[dict[str, Any]]], *args: object) -> dict[str, Any]:
+    """`trio.run(fn, *args)`, where SIGTERM ends the run like Ctrl-C does: every
+    `finally` runs, so every process the benchmark started is killed."""
+
+    async def main() -> dict[str, Any] | None:
+        result = None
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_on_sigterm, nursery.cancel_scope)
+            result = await fn(*args)
+            nursery.cancel_scope.cancel()
+        return result
+
+    result = trio.run(main)
+    if result is None:
+        raise SystemExit("terminated (SIGTERM): every process started was killed")
+    return result
+
+
+async def _on_sigterm(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
+
+
+def percentiles(samples: Sequence[float]) -> dict[str, float]:
+    """p50/p99/max of `samples` (seconds) in milliseconds, nearest-rank."""
+    if not samples:
+        return {"p50_ms": float("nan"), "p99_ms": float("nan"), "max_ms": float("nan")}
+    ordered = sorted(samples)
+
+    def rank(q: float) -> float:
+        return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+    return {
+        "p50_ms": round(rank(0.50) * 1000, 2),
+        "p99_ms": round(rank(0.99) * 1000, 2),
+        "max_ms": round(ordered[-1] * 1000, 2),
+    }
+
+
+@dataclass
+class LoadResult:
+    ok: int
+    failed: int
+    elapsed_s: float
+    latencies_s: list[float]
+
+    @property
+    def per_s(self) -> float:
+        return self.ok / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self, unit: str) -> dict[str, float]:
+        return {
+            f"{unit}_per_s": round(self.per_s, 1),
+            "ok": self.ok,
+            "failed": self.failed,
+            **percentiles(self.latencies_s),
+        }
+
+
+async def run_load(
+    jobs: Sequence[Callable[[], Awaitable[None]]], concurrency: int, deadline_s: float
+) -> LoadResult:
+    """Run `jobs` with `concurrency` in flight, each timed; stop at `deadline_s`."""
+    latencies: list[float] = []
+    failed = 0
+    queue = iter(jobs)
+
+    async def worker() -> None:
+        nonlocal failed
+        for job in queue:
+            start = time.perf_counter()
+            try:
+                with trio.fail_after(TIMEOUT_S):
+                    await job()
+            except Exception as exc:  # counted and shown: a benchmark goes on
+                failed += 1
+                if failed <= 3:
+                    log(f"  failure: {type(exc).__name__}: {exc}")
+                continue
+            latencies.append(time.perf_counter() - start)
+
+    start = time.perf_counter()
+    with trio.move_on_after(deadline_s):
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(worker)
+    return LoadResult(len(latencies), failed, time.perf_counter() - start, latencies)
+
+
+def member_contexts(kit: Kit, member_ids: Sequence[str]) -> dict[str, ssl.SSLContext]:
+    """One client TLS context per member, built before any clock starts."""
+    contexts = {}
+    for mid in member_ids:
+        ca, crt, key = kit.member_files(mid)
+        contexts[mid] = member_client_context(cluster_ca=ca, cert=crt, key=key)
+    return contexts
+
+
+def registration_job(
+    port: int, context: ssl.SSLContext, node_id: str
+) -> Callable[[], Awaitable[None]]:
+    async def job() -> None:
+        session = await Session.connect(
+            "127.0.0.1", port, context, expected_node=node_id, timeout_s=TIMEOUT_S
+        )
+        try:
+            await session.register(
+                "demo", Role.RECEIVER, last_msg_id=0, sender_key=None, timeout_s=TIMEOUT_S
+            )
+        finally:
+            await session.aclose()
+
+    return job
+
+
+def handshake_job(
+    port: int, context: ssl.SSLContext, node_id: str
+) -> Callable[[], Awaitable[None]]:
+    async def job() -> None:
+        tcp = await trio.open_tcp_stream("127.0.0.1", port)
+        stream = trio.SSLStream(tcp, context, server_hostname=None)
+        try:
+            await stream.do_handshake()
+            verify_node(stream, node_id)
+            if await stream.receive_some(1) != b"\x01":
+                raise ConnectionError("the anchor server did not confirm")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    return job
+
+
+# ------------------------------------------------------------ anchor server
+
+
+async def serve_anchor(port: int, member_ca: Path, cert: Path, key: Path) -> None:
+    """The trivial TLS server of the anchor: handshake, member check, one byte, close."""
+    context = member_server_context(member_ca=member_ca, cert=cert, key=key)
+
+    async def handle(tcp: trio.SocketStream) -> None:
+        stream = trio.SSLStream(tcp, context, server_side=True)
+        try:
+            with trio.fail_after(TIMEOUT_S):
+                await stream.do_handshake()
+                verify_peer(stream, CertRole.MEMBER)
+                await stream.send_all(b"\x01")
+        except trio.BrokenResourceError:
+            pass  # the readiness probe connects and closes without TLS
+        except (trio.TooSlowError, IdentityError) as exc:
+            log(f"anchor: {type(exc).__name__}: {exc}")
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    await trio.serve_tcp(handle, port, host="127.0.0.1")
+
+
+@asynccontextmanager
+async def anchor_servers(kit: Kit) -> AsyncIterator[tuple[dict[str, int], list[int]]]:
+    """Three anchor server processes (one per node certificate): (node id -> port, pids)."""
+    ports = dict(zip(kit.node_ids, free_ports(len(kit.node_ids)), strict=True))
+    processes: list[trio.Process] = []
+    try:
+        for nid, port in ports.items():
+            crt, key = pki.cert_paths(kit.root / "pki", CertRole.NODE, nid)
+            processes.append(
+                await trio.lowlevel.open_process(
+                    [
+                        sys.executable,
+                        "-m",
+                        "tests.bench.registration",
+                        "--serve-anchor",
+                        str(port),
+                        str(kit.root / "pki/ca/member.crt"),
+                        str(crt),
+                        str(key),
+                    ],
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+        with trio.fail_after(15):
+            for port in ports.values():
+                while True:
+                    try:
+                        await (await trio.open_tcp_stream("127.0.0.1", port)).aclose()
+                        break
+                    except OSError:
+                        await trio.sleep(0.05)
+        yield ports, [p.pid for p in processes]
+    finally:
+        with trio.CancelScope(shield=True):
+            for process in processes:
+                if process.returncode is None:
+                    process.kill()
+                    await process.wait()
+
+
+# -------------------------------------------------------------------- main
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU seconds used so far by the processes `pids`."""
+    total = 0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_used(pids: Sequence[int], before: tuple[float, float]) -> dict[str, float]:
+    """CPU seconds the servers and this load generator used since `before`: which one
+    of them was the bottleneck on a shared 2-core machine."""
+    return {
+        "servers": round(cpu_seconds(pids) - before[0], 2),
+        "load_generator": round(time.process_time() - before[1], 2),
+    }
+
+
+async def bench(members: int, concurrency: int, batch_ms: int, deadline_s: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gcks-bench-reg-") as tmp:
+        log(f"issuing {members} member certificates ...")
+        kit = make_kit(
+            Path(tmp),
+            nodes=3,
+            members=members,
+            tick_ms=TICK_MS,
+            group={"batch_interval_ms": batch_ms},
+        )
+        contexts = member_contexts(kit, kit.member_ids)
+        nodes = kit.node_ids
+        assignment = {mid: nodes[i % len(nodes)] for i, mid in enumerate(kit.member_ids)}
+
+        log("anchor: bare mutual TLS 1.3 handshakes against 3 trivial servers ...")
+        async with anchor_servers(kit) as (ports, pids):
+            before = cpu_seconds(pids), time.process_time()
+            anchor = await run_load(
+                [
+                    handshake_job(ports[assignment[m]], contexts[m], assignment[m])
+                    for m in kit.member_ids
+                ],
+                concurrency,
+                deadline_s,
+            )
+            anchor_cpu = cpu_used(pids, before)
+        log(f"  {anchor.per_s:.1f} handshakes/s")
+
+        log("gcks: registrations against a 3-node cluster ...")
+        async with running_cluster(kit) as cluster:
+            await cluster.leader(timeout_s=30)
+            await cluster.wait_group(timeout_s=30)
+            terms_before = [
+                s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
+            ]
+            pids = [p.process.pid for p in cluster.nodes.values() if p.process is not None]
+            before = cpu_seconds(pids), time.process_time()
+            ours = await run_load(
+                [
+                    registration_job(kit.ports[assignment[m]]["member"], contexts[m], assignment[m])
+                    for m in kit.member_ids
+                ],
+                concurrency,
+                deadline_s,
+            )
+            ours_cpu = cpu_used(pids, before)
+            status = await cluster.nodes[nodes[0]].status()
+            terms_after = [
+                s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
+            ]
+        log(f"  {ours.per_s:.1f} registrations/s")
+        group_members = status["groups"]["demo"]["members"] if status else None
+        return {
+            "bench": "registration",
+            "results": {
+                **ours.summary("registrations"),
+                "members": members,
+                "group_members_after": group_members,
+                "concurrency": concurrency,
+                "nodes": 3,
+                "batch_interval_ms": batch_ms,
+                "tick_ms": TICK_MS,
+                "term_increase": max(terms_after) - max(terms_before),
+                "cpu_s": ours_cpu,
+            },
+            "anchor": {
+                "what": "bare mutual TLS 1.3 handshakes, same certs and load generator",
+                **anchor.summary("handshakes"),
+                "cpu_s": anchor_cpu,
+            },
+            "ratio": round(ours.per_s / anchor.per_s, 3) if anchor.per_s else None,
+        }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--members", type=int, default=500, help="member certificates (1 join each)"
+    )
+    parser.add_argument("--concurrency", type=int, default=50, help="registrations in flight")
+    parser.add_argument("--batch-ms", type=int, default=50, help="policy batch interval")
+    parser.add_argument("--deadline", type=float, default=90.0, help="seconds per side, at most")
+    parser.add_argument(
+        "--serve-anchor",
+        nargs=4,
+        metavar=("PORT", "MEMBER_CA", "CERT", "KEY"),
+        help=argparse.SUPPRESS,
+    )
+    args = parser.parse_args()
+    if args.serve_anchor:
+        port, ca, crt, key = args.serve_anchor
+        with suppress(KeyboardInterrupt):  # Ctrl-C reaches the whole process group
+            trio.run(serve_anchor, int(port), Path(ca), Path(crt), Path(key))
+        return
+    started = time.monotonic()
+    result = run_bench(bench, args.members, args.concurrency, args.batch_ms, args.deadline)
+    log(f"done in {time.monotonic() - started:.0f} s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
