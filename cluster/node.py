@@ -140,6 +140,9 @@ class Node:
             ),
             on_apply=self._on_apply,
             replay_until=recovered.hard_state.commit,
+            link_up=lambda peer: (
+                (stats := transport.stats.peers.get(peer)) is not None and stats.connected
+            ),
         )
         self.driver = driver
         rekeyer = Rekeyer(driver, RekeyerSettings(), bootstrap_groups=cfg.groups)

@@ -317,6 +317,25 @@ class RawNode:
         if self._state is Role.LEADER and pr is not None and pr.state is ProgressState.REPLICATE:
             pr.become_probe()
 
+    def report_leader_lost(self, peer: NodeId) -> None:
+        """Transport hint: the connection to our leader `peer` broke (its process
+        died or its host went away). Stop honouring its lease and campaign at the
+        next tick instead of waiting out a whole election timeout. Safe: PreVote
+        still needs a majority that has also stopped hearing from the leader (the
+        lease check), so one flapping link disrupts nothing."""
+        if self._state is Role.FOLLOWER and peer == self.lead and self._promotable():
+            # Every follower gets the hint at about the same moment; campaigning
+            # together would split the vote. So they take turns by id: the first
+            # campaigns at the next tick, the next two ticks later, and so on.
+            rank = sorted(v for v in self._voters if v != peer).index(self.id)
+            # No known leader means no lease: this node now grants pre-votes to
+            # the others; a heartbeat from a leader that is in fact alive sets
+            # the leader again and restarts the election timer.
+            self.lead = None
+            self._election_elapsed = max(
+                self._election_elapsed, self._randomized_timeout - 1 - 2 * rank
+            )
+
     def compact(self, index: int, data: bytes) -> Snapshot:
         """The application snapshotted its state at applied `index`: keep that snapshot
         (to send to lagging peers) and drop the log up to it. Call after `advance()`;

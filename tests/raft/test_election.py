@@ -147,3 +147,36 @@ def test_learner_never_campaigns() -> None:
     net.run(50)
     assert net.nodes["n4"].role is Role.LEARNER
     assert not any(m.frm == "n4" and m.type is MessageType.PRE_VOTE for m in net.sent)
+
+
+def test_leader_lost_hint_elects_a_new_leader_within_a_few_ticks() -> None:
+    net = Network(IDS)
+    net.elect("n1")
+    net.down.add("n1")  # the leader's process died: its links broke
+    for nid in ("n2", "n3"):
+        net.nodes[nid].report_leader_lost("n1")
+    ticks = 0
+    while not net.leaders() and ticks < 5:
+        net.run(1)
+        ticks += 1
+    assert net.leaders(), "no leader within 5 ticks of the hint"
+    # Without the hint the followers would wait a whole election timeout (10+ ticks).
+    assert ticks <= 3
+
+
+def test_leader_lost_hint_from_one_follower_does_not_disrupt_a_live_leader() -> None:
+    net = Network(IDS)
+    net.elect("n1")
+    term = net.nodes["n1"].term
+    net.nodes["n3"].report_leader_lost("n1")  # a flapping link, the leader is fine
+    net.run(30)
+    assert net.leader() == "n1"
+    assert net.nodes["n1"].term == term
+
+
+def test_leader_lost_hint_about_a_non_leader_is_ignored() -> None:
+    net = Network(IDS)
+    net.elect("n1")
+    net.nodes["n2"].report_leader_lost("n3")
+    net.run(5)
+    assert net.leader() == "n1"
