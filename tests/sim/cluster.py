@@ -281,6 +281,12 @@ class Simulation:
         node.reads = []
         self._note(f"crash {node.id} ({why})")
         self.stats["crashes"] += 1
+        # A crashed process resets its connections: peers' transports notice
+        # (most of the time, as a real one would) and hint the core.
+        for other in self._live():
+            if other is not node and self.rng.random() < 0.8:
+                assert other.raw is not None
+                other.raw.report_leader_lost(node.id)
 
     def _leader(self) -> SimNode | None:
         """The live leader with the highest term, if any."""
