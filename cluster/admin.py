@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
@@ -43,6 +43,7 @@ from gcks.cluster.tls import verify_peer
 from gcks.proto.codec import FrameDecoder, encode_frame, packb, unpackb
 from gcks.proto.errors import DecodeError, IdentityError, PolicyError, ProtocolError
 from gcks.proto.identity import Role as CertRole
+from gcks.proto.identity import is_valid_id
 from gcks.proto.policy import GroupPolicy
 from gcks.proto.schema import read_bool, read_int, read_map, read_record, read_str
 
@@ -69,7 +70,7 @@ class AdminError(Exception):
 class AdminRequest:
     request_id: int
     op: str
-    args: dict[str, object]
+    args: dict[str, object] = field(repr=False)  # snapshot.restore carries every key
 
     def encode(self) -> bytes:
         return packb([ADMIN_VERSION, self.request_id, self.op, self.args])
@@ -323,8 +324,15 @@ class AdminServer:
         result = await self._rekeyer.force(group, tek=tek, kek=kek)
         return {"msg_ids": [o.msg_id for o in result.outbound]}
 
-    async def _conf_change(self, kind: ConfChangeType, args: dict[str, object]) -> object:
+    def _node_arg(self, args: dict[str, object]) -> str:
         node_id = read_str(args.get("node"), "node", 64)
+        if not is_valid_id(node_id):
+            # Such a voter could never authenticate and would cost the majority.
+            raise AdminError("bad_request", f"node: {node_id!r} is not a valid node id")
+        return node_id
+
+    async def _conf_change(self, kind: ConfChangeType, args: dict[str, object]) -> object:
+        node_id = self._node_arg(args)
         await self._driver.propose_conf_change(ConfChange(kind, node_id))
         return {"proposed": kind.name.lower(), "node": node_id}
 
@@ -341,7 +349,7 @@ class AdminServer:
         return await self._conf_change(ConfChangeType.REMOVE_NODE, args)
 
     async def _transfer(self, args: dict[str, object]) -> object:
-        target = read_str(args.get("node"), "node", 64)
+        target = self._node_arg(args)
         await self._driver.call(lambda raw: raw.transfer_leadership(target))
         return {"transfer_to": target}
 

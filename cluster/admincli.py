@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gcks.cluster.admin import AdminClient, AdminError
 from gcks.cluster.config import Address
-from gcks.proto.errors import DecodeError, PolicyError
+from gcks.proto.errors import PolicyError, ProtocolError
 from gcks.proto.policy import GroupPolicy
 
 BACKUP_MAGIC: Final = b"GCKSBAK1"
@@ -45,6 +45,11 @@ BACKUP_MAGIC: Final = b"GCKSBAK1"
 class Target:
     node_id: str
     address: Address
+
+
+# How a node can fail to answer: down, slow, hanging up mid-handshake (a TLS
+# failure), a certificate that is not a node's, or an answer that does not decode.
+_UNREACHABLE: Final = (OSError, trio.TooSlowError, trio.BrokenResourceError, ProtocolError)
 
 
 class AdminFailed(Exception):
@@ -116,8 +121,8 @@ async def _run(
         for target in targets:
             try:
                 rows.append(await _call_one(target, context, "status", {}, timeout_s))
-            except (AdminError, OSError, trio.TooSlowError, DecodeError) as exc:
-                rows.append({"id": target.node_id, "role": "unreachable", "error": str(exc)})
+            except (AdminError, *_UNREACHABLE) as exc:
+                rows.append({"id": target.node_id, "role": "unreachable", "error": _why(exc)})
         _print(args, rows, ("id", "role", "term", "leader", "commit_index", "applied_index"))
         return 0
     request: tuple[str, dict[str, object]]
@@ -194,9 +199,13 @@ async def _call(
                 errors.append(f"{target.node_id}: {exc}")
                 continue
             raise AdminFailed(f"{exc.code}: {exc}") from None
-        except (OSError, trio.TooSlowError, DecodeError, trio.BrokenResourceError) as exc:
-            errors.append(f"{target.node_id}: {exc or type(exc).__name__}")
+        except _UNREACHABLE as exc:
+            errors.append(f"{target.node_id}: {_why(exc)}")
     raise AdminFailed("no node completed the request: " + "; ".join(errors))
+
+
+def _why(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 def _print(args: argparse.Namespace, result: Any, columns: Sequence[str]) -> None:

@@ -37,7 +37,6 @@ import ipaddress
 import logging
 import re
 import sys
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -54,6 +53,7 @@ from gcks.cluster.node import Node
 from gcks.cluster.pki import DEFAULT_NODE_DNS, DEFAULT_NODE_IPS, PkiError, pki_init
 from gcks.cluster.raft.storage_errors import StorageError
 from gcks.proto.identity import Role, is_valid_id
+from gcks.proto.tomldoc import TomlDocError, parse_toml_bytes
 
 __all__ = ["AdminConfig", "AdminNode", "load_admin_config", "main"]
 
@@ -97,14 +97,10 @@ def load_admin_config(path: Path) -> AdminConfig:
             data = config_file.read(MAX_ADMIN_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError("<file>", f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_ADMIN_CONFIG_BYTES:
-        raise ConfigError("<file>", f"{path} is larger than {MAX_ADMIN_CONFIG_BYTES} bytes")
     try:
-        document = tomllib.loads(data.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise ConfigError("<file>", f"{path} is not UTF-8") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("<toml>", str(exc)) from None
+        document = parse_toml_bytes(data, name=str(path), max_bytes=MAX_ADMIN_CONFIG_BYTES)
+    except TomlDocError as exc:
+        raise ConfigError(exc.key, exc.message) from None
     for key in document:
         if key not in _ADMIN_KEYS:
             raise ConfigError(key, "unknown key")

@@ -39,6 +39,10 @@ SEED_SIZE: Final = 32
 KEY_SIZE: Final = 32
 ED25519_KEY_SIZE: Final = 32
 MAX_BATCH: Final = 65_536
+# Joins plus leaves that one Rekey may carry and still seal: each costs up to
+# 2 x tree depth wrapped keys, and one rekey body holds at most 2^16 of them.
+# The rekeyer splits bursts into commands this size; apply refuses larger ones.
+MAX_REKEY_BATCH: Final = 1024
 MAX_TIME_MS: Final = 2**63 - 1
 MAX_REASON: Final = 256
 MEMBER_ID_PATTERN = GROUP_ID_PATTERN  # member ids share the certificate id alphabet
@@ -75,7 +79,7 @@ class CreateGroup:
     policy: GroupPolicy
     signing_seed: bytes = field(repr=False)  # the group's Ed25519 rekey signing key
     tree_seed: bytes = field(repr=False)  # seeds the empty LKH tree's root key
-    tek_key: bytes = field(repr=False)  # the first TEK
+    tek_key: bytes = field(repr=False)  # seeds the first TEK (state binds it to the index)
     now_ms: int
 
 
@@ -96,7 +100,7 @@ class DeleteGroup:
 class Rekey:
     """One coalesced key change of a group: a batch of joins and leaves, a
     fresh TEK, a refreshed KEK, or any mix. `tree_seed` derives every new LKH
-    key of the batch; `tek_key` (None: keep the TEKs) becomes the new TEK."""
+    key of the batch; `tek_key` (None: keep the TEKs) seeds the new TEK."""
 
     group: str
     joins: tuple[Join, ...]

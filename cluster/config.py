@@ -26,7 +26,6 @@ import logging
 import os
 import re
 import secrets
-import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from gcks.cluster import tls
 from gcks.proto.errors import PolicyError
 from gcks.proto.identity import Identity, Role, is_valid_id
 from gcks.proto.policy import GroupPolicy
+from gcks.proto.tomldoc import TomlDocError, decode_toml_bytes, parse_toml
 
 ENV_PREFIX: Final = "GCKS_"
 STORAGE_KEY_ENV: Final = "GCKS_STORAGE_KEY"
@@ -255,15 +255,13 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeCon
     (default: `os.environ`) overriding; raises `ConfigError` naming the bad key."""
     try:
         with path.open("rb") as config_file:
-            data = config_file.read(MAX_CONFIG_BYTES + 1)
+            text = decode_toml_bytes(
+                config_file.read(MAX_CONFIG_BYTES + 1), name=str(path), max_bytes=MAX_CONFIG_BYTES
+            )
     except OSError as exc:
         raise ConfigError("<file>", f"cannot read {path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError("<file>", f"{path} is larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError("<file>", f"{path} is not UTF-8") from None
+    except TomlDocError as exc:
+        raise ConfigError(exc.key, exc.message) from None
     return parse_config(
         text, base_dir=path.parent, environ=os.environ if environ is None else environ
     )
@@ -272,11 +270,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> NodeCon
 def parse_config(text: str, *, base_dir: Path, environ: Mapping[str, str]) -> NodeConfig:
     """Validate configuration `text` (relative paths resolved against `base_dir`)."""
     try:
-        document = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError("<toml>", str(exc)) from None
-    except RecursionError:
-        raise ConfigError("<toml>", "nested too deeply") from None
+        document = parse_toml(text)
+    except TomlDocError as exc:
+        raise ConfigError(exc.key, exc.message) from None
     return _Validator(document, base_dir, environ).config()
 
 

@@ -63,7 +63,8 @@ class RegistrarSettings:
     handshake_timeout_s: float = 5.0
     request_timeout_s: float = 15.0  # batch interval + commit; then NO_QUORUM
     push_queue: int = 256  # pushes buffered per member before it is cut off (it resyncs)
-    max_connections: int = 100_000
+    max_connections: int = 100_000  # open member connections; more are closed unanswered
+    write_timeout_s: float = 10.0  # a member that reads nothing for this long is cut off
 
 
 @dataclass
@@ -104,6 +105,7 @@ class Registrar:
         # GSAs built at the index where the member's join applied, per (group, member).
         self._answers: dict[tuple[str, str], GsaAnswer] = {}
         self._waiting: dict[tuple[str, str], int] = defaultdict(int)
+        self._open = 0
         self.stats = RegistrarStats()
 
     # ------------------------------------------------------------ apply hook
@@ -158,6 +160,20 @@ class Registrar:
             task_status.started(bound)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
+        if self._open >= self._settings.max_connections:
+            # Refused before the handshake: each connection holds a task, TLS
+            # state and a push queue, so their number is what bounds memory.
+            self.stats.refused += 1
+            log.warning("member connection from %s refused: %d open", _remote(tcp), self._open)
+            await trio.aclose_forcefully(tcp)
+            return
+        self._open += 1
+        try:
+            await self._serve_member(tcp)
+        finally:
+            self._open -= 1
+
+    async def _serve_member(self, tcp: trio.SocketStream) -> None:
         remote = _remote(tcp)
         self.stats.connections += 1
         stream = trio.SSLStream(tcp, self._context, server_side=True)
@@ -174,7 +190,7 @@ class Registrar:
         log.info("member %s connected from %s", identity.id, remote)
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, stream, link)
+                nursery.start_soon(self._writer, stream, link, nursery.cancel_scope)
                 await self._reader(stream, link)
                 nursery.cancel_scope.cancel()
         finally:
@@ -183,12 +199,20 @@ class Registrar:
             await trio.aclose_forcefully(stream)
             log.info("member %s disconnected", identity.id)
 
-    async def _writer(self, stream: trio.SSLStream[Any], link: _MemberLink) -> None:
+    async def _writer(
+        self, stream: trio.SSLStream[Any], link: _MemberLink, connection: trio.CancelScope
+    ) -> None:
         try:
             async for frame in link.outgoing:
-                await stream.send_all(frame)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return
+                with trio.fail_after(self._settings.write_timeout_s):
+                    await stream.send_all(frame)
+        except trio.TooSlowError:
+            log.warning("member %s reads nothing, connection dropped", link.member_id)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("member %s: connection lost while writing: %s", link.member_id, _reason(exc))
+        finally:
+            # Without the writer, a full queue would block the reader for good.
+            connection.cancel()
 
     async def _reader(self, stream: trio.SSLStream[Any], link: _MemberLink) -> None:
         decoder = FrameDecoder(MAX_REQUEST_FRAME)
@@ -201,7 +225,7 @@ class Registrar:
                 for frame in decoder:
                     message = decode_message(frame)
                     answer = await self._dispatch(link, message)
-                    await link.send.send(encode_frame(answer.encode()))
+                    await link.send.send(_answer_frame(link, answer))
         except ProtocolError as exc:
             self.stats.bad_frames += 1
             log.warning("member %s sent a bad frame, connection dropped: %s", link.member_id, exc)
@@ -249,8 +273,11 @@ class Registrar:
         self._attached[req.group].add(link)
         try:
             with trio.fail_after(self._settings.request_timeout_s):
-                await self._rekeyer.join(req.group, member_id, req.role, req.sender_key)
-            answer = self._answers.get(key)
+                result = await self._rekeyer.join(req.group, member_id, req.role, req.sender_key)
+            # Only the apply of this request's own batch answers it: an older
+            # entry that joined the same member (a node catching up) may have
+            # left a stale GSA here, though this batch skipped the join (banned).
+            answer = self._answers.get(key) if key in result.joined else None
         except NotLeader as exc:
             return error(ErrorCode.NO_QUORUM, "no leader reachable", exc.leader_hint)
         except (NoQuorum, trio.TooSlowError, RaftError) as exc:
@@ -295,6 +322,17 @@ class Registrar:
 
 class _UnexpectedMessage(ProtocolError):
     """A member sent a message that is not a request (an answer, a push...)."""
+
+
+def _answer_frame(link: _MemberLink, answer: GsaAnswer | ErrorAnswer | DeregisterAnswer) -> bytes:
+    try:
+        return encode_frame(answer.encode())
+    except ValueError as exc:
+        # A GSA past a wire limit (more sender keys than one answer holds): a
+        # typed refusal and a log line, not an exception that ends the listener.
+        log.error("answer to member %s cannot be encoded: %s", link.member_id, exc)
+        refusal = ErrorAnswer(answer.request_id, ErrorCode.INTERNAL, "answer too large to send")
+        return encode_frame(refusal.encode())
 
 
 def _remote(tcp: trio.SocketStream) -> str:

@@ -18,6 +18,7 @@ May import trio and `gcks.cluster` (driver, state, commands). Never logs keys.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from dataclasses import dataclass, field
 import trio
 
 from gcks.cluster.commands import (
+    MAX_REASON,
+    MAX_REKEY_BATCH,
     CreateGroup,
     Join,
     Leave,
@@ -77,7 +80,12 @@ class Rekeyer:
         self._bootstrap = bootstrap_groups
         self._clock_ms = clock_ms
         self._batches: dict[str, _Batch] = {}
-        self._flush_send, self._flush_receive = trio.open_memory_channel[str](1024)
+        # One item per batch opened and not yet flushed, so the open batches
+        # (one per active group, plus full ones) bound it: a fixed capacity
+        # would refuse, by an exception, the storm that opens many at once.
+        self._flush_send, self._flush_receive = trio.open_memory_channel[tuple[str, _Batch]](
+            math.inf
+        )
         self.rekeys_proposed = 0
 
     # ------------------------------------------------------------ membership
@@ -123,9 +131,11 @@ class Rekeyer:
 
     def _batch(self, group: str) -> _Batch:
         batch = self._batches.get(group)
-        if batch is None:
+        if batch is None or len(batch.joins) + len(batch.leaves) >= MAX_REKEY_BATCH:
+            # A full batch keeps its flush; later arrivals start the next one, so
+            # a burst becomes several commands that each fit one rekey message.
             batch = self._batches[group] = _Batch()
-            self._flush_send.send_nowait(group)
+            self._flush_send.send_nowait((group, batch))
         return batch
 
     async def _wait(self, batch: _Batch) -> ApplyResult:
@@ -144,22 +154,29 @@ class Rekeyer:
             task_status.started()
 
     async def _flusher(self, nursery: trio.Nursery) -> None:
-        async for group in self._flush_receive:
-            nursery.start_soon(self._flush_after_interval, group)
+        async for group, batch in self._flush_receive:
+            nursery.start_soon(self._flush_after_interval, group, batch)
 
-    async def _flush_after_interval(self, group: str) -> None:
+    async def _flush_after_interval(self, group: str, batch: _Batch) -> None:
         state = self._driver.state
         interval_ms = state.policy(group).batch_interval_ms if state.has_group(group) else 0
         await trio.sleep(interval_ms / 1000)
-        batch = self._batches.pop(group)
+        if self._batches.get(group) is batch:
+            del self._batches[group]
         state = self._driver.state  # a snapshot install may have replaced it meanwhile
         try:
             policy = state.policy(group) if state.has_group(group) else None
-            newcomers = [m for m in batch.joins if not state.is_member(group, m)]
-            new_tek = policy is not None and (
-                (newcomers and policy.rekey_on_join) or (batch.leaves and policy.rekey_on_leave)
+            # Whether a join is new is decided at apply, not here: this node's
+            # state may lag (a leave committed elsewhere), and a newcomer whose
+            # batch carried no TEK would get a GSA without one (rekey_on_join
+            # hides older TEKs). Apply drops the TEK if membership is unchanged.
+            new_tek = policy is not None and bool(
+                (batch.joins and policy.rekey_on_join) or (batch.leaves and policy.rekey_on_leave)
             )
             names = [*(f"+{m}" for m in batch.joins), *(f"-{m}" for m in batch.leaves)]
+            reason = "membership " + " ".join(names[:8]) + (" ..." if len(names) > 8 else "")
+            if len(reason) > MAX_REASON:  # ids run to 64 characters: keep the command valid
+                reason = reason[: MAX_REASON - 4] + " ..."
             batch.result = await self._propose(
                 Rekey(
                     group=group,
@@ -169,7 +186,7 @@ class Rekeyer:
                     tek_key=os.urandom(32) if new_tek else None,
                     refresh_kek=False,
                     now_ms=self._clock_ms(),
-                    reason="membership " + " ".join(names[:8]) + (" ..." if len(names) > 8 else ""),
+                    reason=reason,
                 )
             )
         except Exception as exc:  # handed to every waiter of the batch, not swallowed

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -38,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gcks.cluster.commands import (
+    MAX_REKEY_BATCH,
     Command,
     CreateGroup,
     DeleteGroup,
@@ -51,6 +53,7 @@ from gcks.proto.codec import packb, unpackb
 from gcks.proto.errors import DecodeError, GcksProtoError
 from gcks.proto.keytree import KeyTree
 from gcks.proto.messages import (
+    MAX_TEKS,
     GsaAnswer,
     KekUpdate,
     NodeEndpoint,
@@ -74,7 +77,7 @@ from gcks.proto.schema import (
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT: Final = 1
+SNAPSHOT_FORMAT: Final = 2  # 2 added the retired message ids; 1 still restores
 AUDIT_LIMIT: Final = 10_000  # audit records kept in the replicated state (all are logged)
 # A proposal re-sent after a leader change may commit twice; the second copy is
 # recognised by its digest (every command carries fresh random seeds) and skipped.
@@ -83,6 +86,16 @@ MAX_SENDER_ID: Final = 0xFFFF_FFFF
 
 
 _LEAVE_EVENT: Final = {LeaveReason.DEREGISTER: "leave", LeaveReason.EVICT: "evict"}
+
+
+def _tek_key(secret: bytes, index: int) -> bytes:
+    """The TEK that a command's fresh `secret` makes at log entry `index`.
+
+    Bound to the index, so a command committed twice (re-proposed after a
+    leader change, past the dedupe window) or replayed into a group made again
+    never installs one key twice: senders restart their sequence numbers on
+    every new TEK, so two TEKs sharing key bytes would repeat AEAD nonces."""
+    return hmac.digest(secret, b"gcks tek\x00" + index.to_bytes(8, "big"), "sha256")
 
 
 class StateError(Exception):
@@ -203,6 +216,10 @@ class GroupState:
         self._groups: dict[str, _Group] = {}
         self._audit: deque[AuditRecord] = deque(maxlen=AUDIT_LIMIT)
         self._seen: dict[bytes, None] = {}  # digests of recent commands, oldest first
+        # The last message id of each deleted group: a group of that name, made
+        # again or restored from a backup, counts on from there, so no id (and,
+        # under a restored KEK, no AEAD nonce) is ever sealed twice.
+        self._retired: dict[str, int] = {}
         self.applied_index = 0
 
     # ------------------------------------------------------------------ reads
@@ -316,12 +333,18 @@ class GroupState:
             saved = GroupState.restore(cmd.snapshot)
         except StateError as exc:
             return ApplyResult(rejected=str(exc))
+        retired = dict(saved._retired)
+        for name, last in [
+            *self._retired.items(),
+            *((n, g.msg_id) for n, g in self._groups.items()),
+        ]:
+            retired[name] = max(last, retired.get(name, 0))
         for name, g in saved._groups.items():
-            current = self._groups.get(name)
-            if current is not None:
-                # Message ids never go back: members drop ids <= the last they saw.
-                g.msg_id = max(g.msg_id, current.msg_id)
+            # Message ids never go back: members drop ids <= the last they saw,
+            # and the saved KEK sealed every id up to the group's last one.
+            g.msg_id = max(g.msg_id, retired.pop(name, 0))
         self._groups = saved._groups
+        self._retired = retired
         self._record(index, cmd.now_ms, "*", "restore", None, f"{len(saved._groups)} groups")
         return ApplyResult()
 
@@ -338,9 +361,15 @@ class GroupState:
             tree=tree,
             kek=KeySA(1, policy.cipher_suite, root.key, now, now + policy.kek_lifetime_s * 1000),
             teks=[
-                KeySA(2, policy.cipher_suite, cmd.tek_key, now, now + policy.tek_lifetime_s * 1000)
+                KeySA(
+                    2,
+                    policy.cipher_suite,
+                    _tek_key(cmd.tek_key, index),
+                    now,
+                    now + policy.tek_lifetime_s * 1000,
+                )
             ],
-            msg_id=0,
+            msg_id=self._retired.pop(group, 0),
             next_spi=3,
             next_sender_id=1,
             members={},
@@ -355,6 +384,11 @@ class GroupState:
         g = self._groups.get(group)
         if g is None:
             return ApplyResult(rejected=f"unknown group {group!r}")
+        if cmd.policy.source_auth != g.policy.source_auth:
+            # Members fix signing and verification at registration; a switch
+            # would split them (and, turned on, leave earlier members accepting
+            # packets any member can forge). Delete and re-create the group.
+            return ApplyResult(rejected="source_auth is fixed when a group is created")
         g.policy = cmd.policy
         self._record(index, cmd.now_ms, group, "update", None, "policy updated")
         body = RekeyBody(policy=cmd.policy, reason="policy update")
@@ -368,6 +402,7 @@ class GroupState:
         # tells every member to drop all of the group's keys.
         final = self._seal(g, RekeyBody(terminate=True, reason=cmd.reason))
         del self._groups[cmd.group]
+        self._retired[cmd.group] = g.msg_id
         self._record(index, cmd.now_ms, cmd.group, "delete", None, cmd.reason)
         return ApplyResult(outbound=(dataclasses.replace(final, terminate=True),))
 
@@ -375,6 +410,10 @@ class GroupState:
         g = self._groups.get(cmd.group)
         if g is None:
             return ApplyResult(rejected=f"unknown group {cmd.group!r}")
+        if len(cmd.joins) + len(cmd.leaves) > MAX_REKEY_BATCH:
+            # Refused before any change: sealing might fail halfway, and an
+            # exception here would stop every node at this index, at each restart.
+            return ApplyResult(rejected=f"membership batch larger than {MAX_REKEY_BATCH}")
         now, policy = cmd.now_ms, g.policy
 
         # Settle the batch against the current membership, deterministically.
@@ -390,6 +429,8 @@ class GroupState:
         for join in cmd.joins:
             if join.member_id in seen or join.member_id in leaving or join.member_id in g.banned:
                 continue
+            if join.role not in policy.roles_for(join.member_id):
+                continue  # authorized by a node's older copy of the policy, revoked since
             seen.add(join.member_id)
             old = g.members.get(join.member_id)
             sender_id = None
@@ -455,7 +496,7 @@ class GroupState:
             tek = KeySA(
                 g.allocate_spi(),
                 policy.cipher_suite,
-                cmd.tek_key,
+                _tek_key(cmd.tek_key, index),
                 activation,
                 activation + policy.tek_lifetime_s * 1000,
             )
@@ -470,7 +511,10 @@ class GroupState:
                     retired.append((previous.spi, expiry))
                     previous = dataclasses.replace(previous, expiry_ms=expiry)  # noqa: PLW2901
                 kept.append(previous)
-            g.teks = [*kept, tek]
+            # Rekeys faster than the deactivation delay would keep more TEKs
+            # than a GSA or a snapshot holds: the oldest, long superseded, go
+            # first (members holding them still drop each at its expiry).
+            g.teks = [*kept, tek][-MAX_TEKS:]
             new_teks, deactivate = (tek,), tuple(retired)
 
         for record in joined:
@@ -573,7 +617,10 @@ class GroupState:
                 ]
             )
         audit = [[a.index, a.time_ms, a.group, a.event, a.member, a.detail] for a in self._audit]
-        return packb([SNAPSHOT_FORMAT, self.applied_index, groups, audit, list(self._seen)])
+        retired = [[name, self._retired[name]] for name in sorted(self._retired)]
+        return packb(
+            [SNAPSHOT_FORMAT, self.applied_index, groups, audit, list(self._seen), retired]
+        )
 
     @classmethod
     def restore(cls, data: bytes) -> GroupState:
@@ -585,11 +632,11 @@ class GroupState:
 
     @classmethod
     def _restore(cls, data: bytes) -> GroupState:
-        fmt, applied, groups, audit, seen = read_record(
-            unpackb(data, max_size=len(data)), "snapshot", 5
-        )
-        if read_int(fmt, "snapshot.format", 0, 255) != SNAPSHOT_FORMAT:
+        fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 6, min_items=5)
+        fmt = read_int(fields[0], "snapshot.format", 0, 255)
+        if (fmt, len(fields)) not in ((1, 5), (SNAPSHOT_FORMAT, 6)):
             raise StateError("unknown snapshot format")
+        applied, groups, audit, seen = fields[1:5]
         state = cls()
         state.applied_index = read_int(applied, "snapshot.applied", 0, 2**63)
         for i, item in enumerate(read_list(groups, "snapshot.groups", 1 << 20)):
@@ -626,6 +673,11 @@ class GroupState:
             if set(records) != set(g.tree.members):
                 raise StateError(f"{name}: members and key tree disagree")
             state._groups[g.policy.group_id] = g
+        for item in read_list(fields[5] if fmt > 1 else [], "snapshot.retired", 1 << 20):
+            group, msg_id = read_record(item, "snapshot.retired", 2)
+            state._retired[read_str(group, "snapshot.retired.group", 64)] = read_int(
+                msg_id, "snapshot.retired.msg_id", 0, 2**64 - 1
+            )
         for digest in read_list(seen, "snapshot.seen", DEDUPE_LIMIT):
             state._seen[read_bytes(digest, "snapshot.seen", 32, 32)] = None
         for raw in read_list(audit, "snapshot.audit", AUDIT_LIMIT):

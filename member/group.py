@@ -136,7 +136,8 @@ class GroupKeys:
             return RekeyResult(Outcome.RESYNC, header.msg_id, reason)
         self.msg_id = header.msg_id
         self._refresh_sender(now_ms)
-        self._receiver.prune(now_ms)
+        for spi in self._receiver.prune(now_ms):
+            self._teks.pop(spi, None)  # kept, the keyring would grow with every rekey
         return RekeyResult(Outcome.ACCEPTED, header.msg_id, body.reason)
 
     def _apply(self, body: RekeyBody) -> str | None:

@@ -195,3 +195,12 @@ def test_real_gcks_process_dev_init_then_check_config(tmp_path: Path) -> None:
     )
     assert check.returncode == 0, check.stderr
     assert check.stdout == "configuration OK: node n1, 2 peers, 1 groups\n"
+
+
+def test_admin_config_nested_too_deeply_is_a_config_error_not_a_crash(tmp_path: Path) -> None:
+    path = tmp_path / "deep.toml"
+    path.write_text("timeout_ms = " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError) as caught:
+        load_admin_config(path)
+    assert caught.value.key == "<toml>"
+    assert main(["admin", "--config", str(path), "group", "list"]) == 2

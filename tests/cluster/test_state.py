@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gcks.cluster.commands import (
+    MAX_REKEY_BATCH,
     CreateGroup,
     DeleteGroup,
     Join,
@@ -28,10 +29,10 @@ from gcks.cluster.commands import (
     decode_command,
     encode_command,
 )
-from gcks.cluster.state import GroupState, Outbound, StateError
+from gcks.cluster.state import DEDUPE_LIMIT, GroupState, Outbound, StateError
 from gcks.member.group import GroupKeys, Outcome
 from gcks.proto.errors import BadSignature, DecryptError, KeyExpired, ProtocolError, UnknownSPI
-from gcks.proto.messages import RekeyBody
+from gcks.proto.messages import MAX_TEKS, RekeyBody, decode_message
 from gcks.proto.policy import Authorization, GroupPolicy, MulticastEndpoint, Role
 from gcks.proto.rekey import open_rekey, seal_rekey
 
@@ -407,3 +408,128 @@ def test_a_proposal_committed_twice_applies_once() -> None:
     restored = GroupState.restore(cluster.state.snapshot())
     cluster.nodes.append(restored)
     assert cluster.commit(command) == []  # remembered across snapshots too
+
+
+def test_oversized_membership_batch_is_rejected_without_a_state_change() -> None:
+    # A batch whose LKH update might not fit one rekey message is refused
+    # deterministically: an exception in apply would stop every node at the
+    # same log index, and again at each restart (the entry stays in the log).
+    cluster = Cluster()
+    cluster.join("a")
+    msg_id, kek = cluster.state.msg_id("demo"), cluster.state.kek("demo")
+    joins = tuple(Join(f"b{i}", Role.RECEIVER) for i in range(MAX_REKEY_BATCH))
+    data = encode_command(
+        Rekey("demo", joins, (Leave("a", LeaveReason.EVICT),), seed(5), None, False, 0, "burst")
+    )
+    result = cluster.state.apply(cluster.index + 1, data)
+    assert result.rejected is not None
+    assert "batch" in result.rejected
+    assert (result.outbound, result.joined, result.left) == ((), (), ())
+    assert [m.member_id for m in cluster.state.members("demo")] == ["a"]
+    assert (cluster.state.msg_id("demo"), cluster.state.kek("demo")) == (msg_id, kek)
+
+
+def test_restoring_a_deleted_group_never_reuses_a_message_id() -> None:
+    # The backup's KEK sealed message ids up to the deletion; a restored group
+    # counting on from the backup's id would seal another body under the same
+    # (KEK, nonce = SPI || message id) and give members two different messages
+    # with one id. Ids continue above every id the group name ever used.
+    cluster = Cluster()
+    cluster.join("a")
+    backup = cluster.state.snapshot()
+    cluster.rekey()  # a new TEK: same KEK, higher message id
+    cluster.commit(DeleteGroup("demo", cluster.now))
+    restarted = GroupState.restore(cluster.state.snapshot())  # a node restarting here
+    cluster.nodes.append(restarted)
+    cluster.commit(RestoreState(backup, cluster.now))
+    cluster.rekey()
+    cluster.commit(DeleteGroup("demo", cluster.now))
+    cluster.commit(CreateGroup(policy(), seed(4), seed(5), seed(6), cluster.now))
+    cluster.rekey()
+    ids = [o.msg_id for o in cluster.sent]
+    assert ids == sorted(set(ids)), "message ids of one group name must strictly increase"
+    assert len({node.snapshot() for node in cluster.nodes}) == 1
+
+
+def test_policy_update_cannot_switch_source_authentication_of_a_live_group() -> None:
+    # Members fix signing and verification when they register: flipping
+    # source_auth later would leave earlier members accepting packets that any
+    # member can forge, while later ones reject the earlier senders' packets.
+    cluster = Cluster()
+    sender = cluster.join("s", Role.SENDER)
+    receiver = cluster.join("r")
+    msg_id = cluster.state.msg_id("demo")
+    data = encode_command(UpdatePolicy(policy(source_auth=True), cluster.now))
+    result = cluster.state.apply(cluster.index + 1, data)
+    assert result.rejected is not None
+    assert "source_auth" in result.rejected
+    assert result.outbound == ()
+    assert not cluster.state.policy("demo").source_auth
+    assert cluster.state.msg_id("demo") == msg_id
+    packet = sender.protect(b"still readable", cluster.now)
+    assert receiver.unprotect(packet, cluster.now)[1] == b"still readable"
+
+
+def test_rekeys_faster_than_the_deactivation_delay_keep_the_state_encodable() -> None:
+    # Each new TEK keeps its predecessors for the deactivation delay; a burst
+    # of rekeys inside that window must not outgrow what a GSA and a snapshot
+    # can hold, or every registration fails and the node cannot restart.
+    cluster = Cluster(deactivation_delay_ms=600_000)
+    cluster.join("s", Role.SENDER)
+    receiver = cluster.join("r")
+    for _ in range(MAX_TEKS + 6):
+        cluster.deliver(cluster.rekey())
+    assert len(cluster.state.teks("demo")) <= MAX_TEKS
+    gsa = cluster.state.gsa("demo", "r", request_id=1, nodes=())
+    assert decode_message(gsa.encode()) == gsa
+    restored = GroupState.restore(cluster.state.snapshot())
+    assert restored.teks("demo") == cluster.state.teks("demo")
+    packet = cluster.members["s"].protect(b"newest", cluster.now)
+    assert receiver.unprotect(packet, cluster.now)[1] == b"newest"
+
+
+def test_member_forgets_teks_once_expired_so_its_keyring_stays_bounded() -> None:
+    cluster = Cluster(deactivation_delay_ms=2000)
+    sender = cluster.join("s", Role.SENDER)
+    receiver = cluster.join("r")
+    for _ in range(50):
+        cluster.deliver(cluster.rekey())
+    for keys in (sender, receiver):
+        assert len(keys.teks) <= 4
+        assert {t.spi for t in keys.teks} <= {t.spi for t in cluster.state.teks("demo")}
+    packet = sender.protect(b"current", cluster.now)
+    assert receiver.unprotect(packet, cluster.now)[1] == b"current"
+
+
+def test_a_command_committed_twice_past_the_dedupe_window_never_repeats_a_tek() -> None:
+    # Senders restart their sequence numbers on every new TEK, so two TEKs
+    # sharing key bytes would repeat AEAD nonces (sender id || sequence).
+    cluster = Cluster()
+    sender = cluster.join("s", Role.SENDER)
+    forced = Rekey("demo", (), (), seed(8), seed(9), False, cluster.now, "forced")
+    cluster.deliver(cluster.commit(forced))
+    for junk in range(DEDUPE_LIMIT + 1):  # entries that push the first copy's digest out
+        cluster.index += 1
+        for node in cluster.nodes:
+            node.apply(cluster.index, b"\xc1" + junk.to_bytes(4, "big"))
+    cluster.deliver(cluster.commit(forced))
+    keys = [t.key for t in cluster.state.teks("demo")]
+    assert len(set(keys)) == len(keys)
+    assert sender.protect(b"under the second copy's TEK", cluster.now)
+
+
+def test_join_proposed_before_a_policy_revoked_it_is_not_applied() -> None:
+    # A node authorizes a registration against its own, possibly older, copy of
+    # the policy; apply checks again, at the log position where it counts.
+    cluster = Cluster()
+    cluster.join("a1")
+    only_a = (Authorization("a*", frozenset({Role.SENDER, Role.RECEIVER})),)
+    cluster.commit(UpdatePolicy(policy(authorize=only_a), cluster.now))
+    msg_id = cluster.state.msg_id("demo")
+    out = cluster.rekey([Join("m1", Role.RECEIVER), Join("a2", Role.RECEIVER)])
+    assert not cluster.state.is_member("demo", "m1")
+    assert cluster.state.is_member("demo", "a2")
+    assert [o.msg_id for o in out] == [msg_id + 1]
+    out = cluster.rekey([Join("m2", Role.RECEIVER)])
+    assert out == []
+    assert not cluster.state.is_member("demo", "m2")

@@ -1,0 +1,71 @@
+"""The admin API refuses bad arguments with a typed error and changes nothing.
+
+One real node on loopback (its own majority), called over mTLS as the
+`gcks admin` tool would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import trio
+
+from gcks.cluster import admincli
+from gcks.cluster.admin import AdminError, AdminRequest
+from gcks.cluster.admincli import Target
+from gcks.cluster.config import Address
+from tests.cluster.clusterkit import admin_call, admin_context, make_kit
+from tests.cluster.test_node_inprocess import start_cluster, wait_for_group
+
+
+@pytest.mark.parametrize("op", ["cluster.add-node", "cluster.add-learner", "cluster.promote"])
+async def test_membership_change_naming_an_impossible_node_id_is_refused(
+    tmp_path: Path, op: str
+) -> None:
+    # A voter that can never hold a node certificate (ids are 1..64 of
+    # [A-Za-z0-9._-]) would take away the majority for good: refuse it.
+    kit = make_kit(tmp_path, nodes=1, members=1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nodes = await start_cluster(kit, nursery)
+            await wait_for_group(nodes)
+            for bad in ("", "bad/id", "n 2"):
+                with pytest.raises(AdminError) as caught:
+                    await admin_call(kit, "n1", op, {"node": bad})
+                assert caught.value.code == "bad_request"
+            status = await admin_call(kit, "n1", "status")
+            assert status["voters"] == ["n1"]
+            assert status["learners"] == []
+            assert (await admin_call(kit, "n1", "rekey", {"group": "demo"}))["msg_ids"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_cluster_status_shows_a_node_that_drops_the_handshake_as_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    kit = make_kit(tmp_path, nodes=1, members=1)
+
+    async def hang_up(stream: trio.SocketStream) -> None:
+        await stream.aclose()  # a node going down mid-handshake, or no node at all
+
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(trio.serve_tcp, hang_up, 0)
+            port = listeners[0].socket.getsockname()[1]
+            args = argparse.Namespace(admin_area="cluster", admin_op="status", json=True)
+            targets = (Target("n1", Address("127.0.0.1", port)),)
+            assert await admincli._run(args, admin_context(kit), targets, 5.0) == 0
+            nursery.cancel_scope.cancel()
+    [row] = json.loads(capsys.readouterr().out)
+    assert (row["id"], row["role"]) == ("n1", "unreachable")
+
+
+def test_admin_request_repr_never_shows_a_snapshot_being_restored() -> None:
+    secret = bytes(range(32)) * 4  # stands for the keys inside a saved snapshot
+    request = AdminRequest(1, "snapshot.restore", {"snapshot": secret})
+    assert secret.hex()[:16] not in repr(request)
+    assert repr(secret)[2:18] not in repr(request)
+    assert AdminRequest.decode(request.encode()) == request
