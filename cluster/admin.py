@@ -282,6 +282,7 @@ class AdminServer:
         return await self._propose(encode_command(command))
 
     async def _group_delete(self, args: dict[str, object]) -> object:
+        await self._linearizable()  # a lagging node must not refuse by stale state
         group = self._group_arg(args)
         return await self._propose(encode_command(DeleteGroup(group, self._node.clock_ms())))
 
@@ -310,6 +311,7 @@ class AdminServer:
         ]
 
     async def _member_evict(self, args: dict[str, object]) -> object:
+        await self._linearizable()  # a lagging node must not refuse by stale state
         group = self._group_arg(args)
         member = read_str(args.get("member"), "member", 64)
         if not self._driver.state.is_member(group, member):
@@ -318,6 +320,7 @@ class AdminServer:
         return {"evicted": member, "msg_ids": [o.msg_id for o in result.outbound]}
 
     async def _rekey(self, args: dict[str, object]) -> object:
+        await self._linearizable()  # a lagging node must not refuse by stale state
         group = self._group_arg(args)
         tek = read_bool(args.get("tek", True), "tek")
         kek = read_bool(args.get("kek", False), "kek")
