@@ -187,7 +187,7 @@ class Registrar:
             await trio.aclose_forcefully(stream)
             return
         link = _MemberLink(identity.id, self._settings.push_queue)
-        log.info("member %s connected from %s", identity.id, remote)
+        log.debug("member %s connected from %s", identity.id, remote)
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._writer, stream, link, nursery.cancel_scope)
@@ -197,7 +197,7 @@ class Registrar:
             for group in link.groups:
                 self._attached[group].discard(link)
             await trio.aclose_forcefully(stream)
-            log.info("member %s disconnected", identity.id)
+            log.debug("member %s disconnected", identity.id)
 
     async def _writer(
         self, stream: trio.SSLStream[Any], link: _MemberLink, connection: trio.CancelScope
