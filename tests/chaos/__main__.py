@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--members", type=int, default=16)
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument(
+        "--observers", type=int, default=6, help="gcks-member join processes kept in the group"
+    )
+    parser.add_argument(
         "--faults", default=",".join(FAULTS), help=f"comma-separated subset of {','.join(FAULTS)}"
     )
     parser.add_argument("--workdir", type=Path, default=None)
@@ -54,6 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=seed,
         members=args.members,
         clients=args.clients,
+        observers=args.observers,
         faults=faults,
     )
     started = time.monotonic()

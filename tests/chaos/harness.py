@@ -58,7 +58,7 @@ class ChaosConfig:
     duration_s: float = 60.0
     seed: int = 1
     members: int = 16
-    observers: int = 2  # `gcks-member join` processes that stay in the group
+    observers: int = 6  # `gcks-member join` processes that stay in the group
     clients: int = 3
     convergence_s: float = 10.0
     faults: tuple[str, ...] = FAULTS
