@@ -105,6 +105,10 @@ class Registrar:
         # GSAs built at the index where the member's join applied, per (group, member).
         self._answers: dict[tuple[str, str], GsaAnswer] = {}
         self._waiting: dict[tuple[str, str], int] = defaultdict(int)
+        # Connections of members whose join has not applied yet: they start to
+        # get pushes at the entry that builds their GSA (everything before it is
+        # already in the GSA, so pushing it would be wasted work).
+        self._pending: dict[tuple[str, str], set[_MemberLink]] = defaultdict(set)
         self._open = 0
         self.stats = RegistrarStats()
 
@@ -118,6 +122,7 @@ class Registrar:
                 self._answers[(group, member_id)] = state.gsa(
                     group, member_id, request_id=0, nodes=self._nodes
                 )
+                self._attached[group].update(self._pending.pop((group, member_id), ()))
 
     def push(self, outbound: Outbound) -> None:
         """Queue a rekey datagram to every member attached for its group."""
@@ -252,6 +257,9 @@ class Registrar:
             if newly_attached:
                 link.groups.discard(req.group)
                 self._attached[req.group].discard(link)
+                self._pending[(req.group, member_id)].discard(link)
+                if not self._pending[(req.group, member_id)]:
+                    del self._pending[(req.group, member_id)]
             self.stats.registration_errors += 1
             log.info("registration of %s to %s refused: %s", member_id, req.group, text)
             return ErrorAnswer(req.request_id, code, text, hint)
@@ -267,10 +275,12 @@ class Registrar:
         self._waiting[key] += 1
         # Attach before the join commits: a rekey applied between the answer and
         # the member's first read must still reach it (the member holds pushes
-        # that arrive before the answer and drops the ones it already has).
+        # that arrive before the answer and drops the ones it already has). A
+        # new connection is attached by `on_apply` when its GSA is built.
         newly_attached = req.group not in link.groups
         link.groups.add(req.group)
-        self._attached[req.group].add(link)
+        if newly_attached:
+            self._pending[key].add(link)
         try:
             with trio.fail_after(self._settings.request_timeout_s):
                 result = await self._rekeyer.join(req.group, member_id, req.role, req.sender_key)
