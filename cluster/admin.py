@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
+from gcks.cluster import tlslisten
 from gcks.cluster.commands import (
     DeleteGroup,
     LeaveReason,
@@ -41,7 +42,7 @@ from gcks.cluster.raft.types import ConfChange, ConfChangeType
 from gcks.cluster.rekeyer import Rekeyer
 from gcks.cluster.tls import verify_peer
 from gcks.proto.codec import FrameDecoder, encode_frame, packb, unpackb
-from gcks.proto.errors import DecodeError, IdentityError, PolicyError, ProtocolError
+from gcks.proto.errors import DecodeError, PolicyError, ProtocolError
 from gcks.proto.identity import Role as CertRole
 from gcks.proto.identity import is_valid_id
 from gcks.proto.policy import GroupPolicy
@@ -124,10 +125,18 @@ Handler = Callable[[dict[str, object]], Awaitable[object]]
 
 
 class AdminServer:
-    def __init__(self, node: Node, context: ssl.SSLContext, *, timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        node: Node,
+        context: ssl.SSLContext,
+        *,
+        timeout_s: float = 15.0,
+        handshake_timeout_s: float = 5.0,
+    ) -> None:
         self._node = node
         self._context = context
         self._timeout_s = timeout_s
+        self._handshake_timeout_s = handshake_timeout_s
         self._ops: Mapping[str, Handler] = {
             "status": self._status,
             "group.list": self._group_list,
@@ -153,21 +162,16 @@ class AdminServer:
         *,
         task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
-        bound = [Address(*ln.socket.getsockname()[:2]) for ln in listeners]
-        async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
-            task_status.started(bound)
+        await tlslisten.serve(listen, self._handle, task_status=task_status)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
-        stream = trio.SSLStream(tcp, self._context, server_side=True)
+        remote = tlslisten.remote(tcp)
         try:
-            with trio.fail_after(5):
-                await stream.do_handshake()
-            identity = verify_peer(stream, CertRole.ADMIN)
-        except (trio.BrokenResourceError, trio.TooSlowError, IdentityError) as exc:
-            log.warning("admin connection refused: %s", exc or type(exc).__name__)
-            await trio.aclose_forcefully(stream)
+            stream, identity = await tlslisten.accept(
+                tcp, self._context, CertRole.ADMIN, self._handshake_timeout_s
+            )
+        except tlslisten.Refused as exc:
+            log.warning("admin connection refused (from %s): %s", remote, exc)
             return
         decoder = FrameDecoder(MAX_ADMIN_FRAME)
         try:
@@ -235,7 +239,7 @@ class AdminServer:
         return [
             {
                 "group": g,
-                "members": len(state.members(g)),
+                "members": state.member_count(g),
                 "msg_id": state.msg_id(g),
                 "kek": state.kek(g).fingerprint,
             }
@@ -249,7 +253,7 @@ class AdminServer:
         return {
             "group": group,
             "policy": state.policy(group).to_mapping(),
-            "members": len(state.members(group)),
+            "members": state.member_count(group),
             "msg_id": state.msg_id(group),
             "kek": {
                 "spi": state.kek(group).spi,

@@ -264,7 +264,7 @@ class RaftDriver:
             for m in rd.messages:
                 self._transport.send(m.to, encode_message(m))
             if rd.snapshot is not None:
-                self._install_snapshot(rd.snapshot)
+                await self._install_snapshot(rd.snapshot)
             for entry in rd.committed_entries:
                 if entry.index <= self.state.applied_index:
                     continue
@@ -298,8 +298,10 @@ class RaftDriver:
                 waiting.append((index, context))
         self._confirmed_reads = waiting
 
-    def _install_snapshot(self, snapshot: Snapshot) -> None:
-        self.state = GroupState.restore(snapshot.data)
+    async def _install_snapshot(self, snapshot: Snapshot) -> None:
+        # Decoding a large state (a 100k-member group is ~16 MB) is CPU work:
+        # off the event loop, so listeners keep answering meanwhile.
+        self.state = await trio.to_thread.run_sync(GroupState.restore, snapshot.data)
         self.state.applied_index = snapshot.meta.index
         self._last_snapshot = snapshot.meta.index
         log.info("installed snapshot at index %d", snapshot.meta.index)
@@ -329,7 +331,10 @@ class RaftDriver:
         applied = self.state.applied_index
         if applied - self._last_snapshot < self._settings.snapshot_every:
             return
-        snapshot = self._raw.compact(applied, self.state.snapshot())
+        # Only this task mutates the state, and it waits here: encoding it in a
+        # worker thread is safe and keeps the event loop serving (readers only).
+        data = await trio.to_thread.run_sync(self.state.snapshot)
+        snapshot = self._raw.compact(applied, data)
         await trio.to_thread.run_sync(self._storage.save_snapshot, snapshot)
         self._last_snapshot = applied
         log.info("snapshot at index %d (%d bytes)", applied, len(snapshot.data))

@@ -274,7 +274,7 @@ class Node:
             "gcks_group_members",
             gauge,
             "Members per group.",
-            tuple(Sample(len(state.members(g)), {"group": g}) for g in state.groups),
+            tuple(Sample(state.member_count(g), {"group": g}) for g in state.groups),
         )
         yield MetricFamily(
             "gcks_peer_lag_entries",
@@ -338,7 +338,7 @@ class Node:
             },
             "groups": {
                 g: {
-                    "members": len(driver.state.members(g)),
+                    "members": driver.state.member_count(g),
                     "msg_id": driver.state.msg_id(g),
                     "kek": driver.state.kek(g).fingerprint,
                 }

@@ -28,15 +28,15 @@ from typing import Any
 
 import trio
 
+from gcks.cluster import tlslisten
 from gcks.cluster.commands import LeaveReason
 from gcks.cluster.config import Address
 from gcks.cluster.driver import NoQuorum, RaftDriver
 from gcks.cluster.raft.errors import NotLeader, RaftError
 from gcks.cluster.rekeyer import Rekeyer
 from gcks.cluster.state import ApplyResult, Outbound
-from gcks.cluster.tls import verify_peer
 from gcks.proto.codec import FrameDecoder, encode_frame
-from gcks.proto.errors import IdentityError, ProtocolError
+from gcks.proto.errors import ProtocolError
 from gcks.proto.identity import Role as CertRole
 from gcks.proto.messages import (
     DeregisterAnswer,
@@ -157,11 +157,9 @@ class Registrar:
         *,
         task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        listeners = await trio.open_tcp_listeners(listen.port, host=listen.host)
-        bound = [Address(*ln.socket.getsockname()[:2]) for ln in listeners]
-        log.info("member listener on %s", ", ".join(map(str, bound)))
         async with trio.open_nursery() as nursery:
-            await nursery.start(trio.serve_listeners, self._handle, listeners)
+            bound = await nursery.start(tlslisten.serve, listen, self._handle)
+            log.info("member listener on %s", ", ".join(map(str, bound)))
             task_status.started(bound)
 
     async def _handle(self, tcp: trio.SocketStream) -> None:
@@ -169,7 +167,9 @@ class Registrar:
             # Refused before the handshake: each connection holds a task, TLS
             # state and a push queue, so their number is what bounds memory.
             self.stats.refused += 1
-            log.warning("member connection from %s refused: %d open", _remote(tcp), self._open)
+            log.warning(
+                "member connection from %s refused: %d open", tlslisten.remote(tcp), self._open
+            )
             await trio.aclose_forcefully(tcp)
             return
         self._open += 1
@@ -179,17 +179,15 @@ class Registrar:
             self._open -= 1
 
     async def _serve_member(self, tcp: trio.SocketStream) -> None:
-        remote = _remote(tcp)
+        remote = tlslisten.remote(tcp)
         self.stats.connections += 1
-        stream = trio.SSLStream(tcp, self._context, server_side=True)
         try:
-            with trio.fail_after(self._settings.handshake_timeout_s):
-                await stream.do_handshake()
-            identity = verify_peer(stream, CertRole.MEMBER)
-        except (trio.BrokenResourceError, trio.TooSlowError, IdentityError) as exc:
+            stream, identity = await tlslisten.accept(
+                tcp, self._context, CertRole.MEMBER, self._settings.handshake_timeout_s
+            )
+        except tlslisten.Refused as exc:
             self.stats.refused += 1
-            log.warning("member connection from %s refused: %s", remote, _reason(exc))
-            await trio.aclose_forcefully(stream)
+            log.warning("member connection from %s refused: %s", remote, exc)
             return
         link = _MemberLink(identity.id, self._settings.push_queue)
         log.debug("member %s connected from %s", identity.id, remote)
@@ -343,14 +341,6 @@ def _answer_frame(link: _MemberLink, answer: GsaAnswer | ErrorAnswer | Deregiste
         log.error("answer to member %s cannot be encoded: %s", link.member_id, exc)
         refusal = ErrorAnswer(answer.request_id, ErrorCode.INTERNAL, "answer too large to send")
         return encode_frame(refusal.encode())
-
-
-def _remote(tcp: trio.SocketStream) -> str:
-    try:
-        host, port = tcp.socket.getpeername()[:2]
-    except OSError:
-        return "?"
-    return f"{host}:{port}"
 
 
 def _reason(exc: BaseException) -> str:

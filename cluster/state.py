@@ -234,6 +234,9 @@ class GroupState:
     def policy(self, group: str) -> GroupPolicy:
         return self._group(group).policy
 
+    def member_count(self, group: str) -> int:
+        return len(self._group(group).members)
+
     def members(self, group: str) -> tuple[MemberRecord, ...]:
         return tuple(sorted(self._group(group).members.values(), key=lambda m: m.member_id))
 

@@ -545,47 +545,39 @@ class ErrorAnswer(_Envelope):
 
 
 @dataclass(frozen=True, slots=True)
-class DeregisterRequest(_Envelope):
+class _GroupExchange(_Envelope):
+    """A request id and a group: the shape deregistration uses both ways."""
+
+    request_id: int
+    group: str
+
+    def _fields(self) -> list[object]:
+        return [self.request_id, self.group]
+
+    @classmethod
+    def _from_fields(cls, fields: tuple[object, ...]) -> Self:
+        request_id, group = fields
+        name = cls.__name__
+        return cls(
+            request_id=read_int(request_id, f"{name}.request_id", 0, MAX_U64),
+            group=_read_group(group, f"{name}.group"),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DeregisterRequest(_GroupExchange):
     """Member -> node: leave `group` (triggers a rekey as the policy says)."""
 
     TYPE: ClassVar[MessageType] = MessageType.DEREGISTER_REQUEST
     FIELDS: ClassVar[int] = 2
 
-    request_id: int
-    group: str
-
-    def _fields(self) -> list[object]:
-        return [self.request_id, self.group]
-
-    @classmethod
-    def _from_fields(cls, fields: tuple[object, ...]) -> Self:
-        request_id, group = fields
-        return cls(
-            request_id=read_int(request_id, "DeregisterRequest.request_id", 0, MAX_U64),
-            group=_read_group(group, "DeregisterRequest.group"),
-        )
-
 
 @dataclass(frozen=True, slots=True)
-class DeregisterAnswer(_Envelope):
+class DeregisterAnswer(_GroupExchange):
     """Node -> member: the Leave of `group` is committed."""
 
     TYPE: ClassVar[MessageType] = MessageType.DEREGISTER_ANSWER
     FIELDS: ClassVar[int] = 2
-
-    request_id: int
-    group: str
-
-    def _fields(self) -> list[object]:
-        return [self.request_id, self.group]
-
-    @classmethod
-    def _from_fields(cls, fields: tuple[object, ...]) -> Self:
-        request_id, group = fields
-        return cls(
-            request_id=read_int(request_id, "DeregisterAnswer.request_id", 0, MAX_U64),
-            group=_read_group(group, "DeregisterAnswer.group"),
-        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -16,8 +16,8 @@ record followed by a record of a later batch (whose save began only after the
 damaged one was fsynced), or damage in any segment but the last, is real
 corruption: `CorruptLogError`, and nothing is touched.
 
-May import the standard library, msgpack, `.types`, `.sealedfile` and the
-storage errors. Never logs or raises with entry data.
+May import the standard library, `gcks.proto.codec` (msgpack with safe
+limits), `.types`, `.sealedfile` and the storage errors. Never logs or raises with entry data.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, NamedTuple
 
-import msgpack  # type: ignore[import-untyped]
+from gcks.proto.codec import packb, unpackb
+from gcks.proto.errors import DecodeError
 
 from .sealedfile import (
     HEADER_SIZE,
@@ -97,8 +98,7 @@ def _encode(item: Entry | HardState, batch: int, closes_batch: bool) -> bytes:
         ]
     else:
         fields = [_Kind.HARD_STATE, batch, closes_batch, item.term, item.vote, item.commit]
-    packed: bytes = msgpack.packb(fields, use_bin_type=True)
-    return packed
+    return packb(fields)
 
 
 def _is_u64(value: object) -> bool:
@@ -113,8 +113,8 @@ def _decode(plaintext: bytes, path: Path, position: WalPosition) -> LogRecord:
         return CorruptLogError(path, position.offset, f"authenticated record is malformed ({what})")
 
     try:
-        fields = msgpack.unpackb(plaintext, raw=False, use_list=True, strict_map_key=True)
-    except (ValueError, msgpack.UnpackException) as exc:
+        fields = unpackb(plaintext, max_size=len(plaintext))
+    except DecodeError as exc:
         raise bad("not msgpack") from exc
     if not isinstance(fields, list) or len(fields) < 3:
         raise bad("not a record array")

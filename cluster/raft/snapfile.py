@@ -12,8 +12,9 @@ verifies every record and the whole shape; any failure is one
 `CorruptSnapshotError` (`WrongStorageKeyError` for a file sealed under another
 key).
 
-May import the standard library, msgpack, `.types`, `.sealedfile`,
-`.segment` (for `WalPosition`) and the storage errors. Never logs or raises
+May import the standard library, `gcks.proto.codec` (msgpack with safe
+limits), `.types`, `.sealedfile`, `.segment` (for `WalPosition`) and the
+storage errors. Never logs or raises
 with snapshot data.
 """
 
@@ -25,7 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import msgpack  # type: ignore[import-untyped]
+from gcks.proto.codec import packb, unpackb
+from gcks.proto.errors import DecodeError
 
 from .sealedfile import (
     HEADER_SIZE,
@@ -99,7 +101,7 @@ def write_snapshot(
     try:
         offset = HEADER_SIZE
         write_all(fd, header.encode(key))
-        for plaintext in [msgpack.packb(fields, use_bin_type=True), *chunks]:
+        for plaintext in [packb(fields), *chunks]:
             record = cipher.seal(offset, plaintext)
             write_all(fd, record)
             offset += len(record)
@@ -133,8 +135,8 @@ def read_snapshot(path: Path, key: StorageKey) -> StoredSnapshot:
     if not scan.records:
         raise CorruptSnapshotError(path, "no metadata record")
     try:
-        fields = msgpack.unpackb(scan.records[0][1], raw=False, use_list=True)
-    except (ValueError, msgpack.UnpackException) as exc:
+        fields = unpackb(scan.records[0][1], max_size=len(scan.records[0][1]))
+    except DecodeError as exc:
         raise CorruptSnapshotError(path, "metadata is not msgpack") from exc
     if not isinstance(fields, list) or len(fields) != 9:
         raise CorruptSnapshotError(path, "metadata has the wrong shape")
