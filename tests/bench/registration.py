@@ -11,12 +11,17 @@ member certificates and the same TLS contexts (`member_server_context`,
 `member_client_context`) against three trivial trio TLS servers (three
 processes, like the nodes) that complete the mutual TLS 1.3 handshake, check
 the member identity, answer one byte and close. `ratio` = our
-registrations/s / anchor handshakes/s (target >= 0.7).
+registrations/s / anchor handshakes/s over all rounds (target >= 0.7).
+
+Both sides run in `--rounds` alternating rounds (anchor, then gcks, each on
+its own share of the members) with both server sets up throughout, so a slow
+spell of a shared machine lands on both sides; `round_ratios` shows the spread.
+`cpu_s` is the CPU time the servers (user, system) and the load generator used.
 
 The policy's batch interval coalesces joins into one rekey; it is a floor on
 the latency of a registration and is reported (`batch_interval_ms`).
 
-Run: `python -m tests.bench.registration [--members 500] [--concurrency 50]`
+Run: `python -m tests.bench.registration [--members 3000] [--rounds 3] [--concurrency 50]`
 from the repository root. The last stdout line is the JSON result. Every
 process started here is killed on exit, error or Ctrl-C. Loopback only.
 
@@ -265,25 +270,45 @@ async def anchor_servers(kit: Kit) -> AsyncIterator[tuple[dict[str, int], list[i
 # -------------------------------------------------------------------- main
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU seconds used so far by the processes `pids`."""
-    total = 0
+def cpu_seconds(pids: Sequence[int]) -> tuple[float, float]:
+    """(user, system) CPU seconds used so far by the processes `pids`."""
+    user = system = 0
     for pid in pids:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
-    return total / os.sysconf("SC_CLK_TCK")
+        user += int(fields[11])  # utime (field 14)
+        system += int(fields[12])  # stime (field 15)
+    tick = os.sysconf("SC_CLK_TCK")
+    return user / tick, system / tick
 
 
-def cpu_used(pids: Sequence[int], before: tuple[float, float]) -> dict[str, float]:
-    """CPU seconds the servers and this load generator used since `before`: which one
-    of them was the bottleneck on a shared 2-core machine."""
+def cpu_used(pids: Sequence[int], before: tuple[tuple[float, float], float]) -> dict[str, float]:
+    """CPU seconds the servers (user and system) and this load generator used since
+    `before`: which one of them was the bottleneck on a shared 2-core machine."""
+    user, system = cpu_seconds(pids)
     return {
-        "servers": round(cpu_seconds(pids) - before[0], 2),
+        "servers_user": round(user - before[0][0], 2),
+        "servers_system": round(system - before[0][1], 2),
         "load_generator": round(time.process_time() - before[1], 2),
     }
 
 
-async def bench(members: int, concurrency: int, batch_ms: int, deadline_s: float) -> dict[str, Any]:
+def _combined(results: Sequence[LoadResult]) -> LoadResult:
+    return LoadResult(
+        ok=sum(r.ok for r in results),
+        failed=sum(r.failed for r in results),
+        elapsed_s=sum(r.elapsed_s for r in results),
+        latencies_s=[s for r in results for s in r.latencies_s],
+    )
+
+
+def _add_cpu(total: dict[str, float], used: dict[str, float]) -> None:
+    for key, value in used.items():
+        total[key] = round(total.get(key, 0.0) + value, 2)
+
+
+async def bench(
+    members: int, concurrency: int, batch_ms: int, deadline_s: float, rounds: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gcks-bench-reg-") as tmp:
         log(f"issuing {members} member certificates ...")
         kit = make_kit(
@@ -296,53 +321,72 @@ async def bench(members: int, concurrency: int, batch_ms: int, deadline_s: float
         contexts = member_contexts(kit, kit.member_ids)
         nodes = kit.node_ids
         assignment = {mid: nodes[i % len(nodes)] for i, mid in enumerate(kit.member_ids)}
+        # Rounds alternate anchor and gcks, so a slow spell of a shared machine
+        # lands on both sides rather than on one. Each round registers members
+        # not seen before (a join, not a re-registration).
+        slices = [kit.member_ids[r::rounds] for r in range(rounds)]
 
-        log("anchor: bare mutual TLS 1.3 handshakes against 3 trivial servers ...")
-        async with anchor_servers(kit) as (ports, pids):
-            before = cpu_seconds(pids), time.process_time()
-            anchor = await run_load(
-                [
-                    handshake_job(ports[assignment[m]], contexts[m], assignment[m])
-                    for m in kit.member_ids
-                ],
-                concurrency,
-                deadline_s,
-            )
-            anchor_cpu = cpu_used(pids, before)
-        log(f"  {anchor.per_s:.1f} handshakes/s")
-
-        log("gcks: registrations against a 3-node cluster ...")
-        async with running_cluster(kit) as cluster:
+        async with anchor_servers(kit) as (ports, anchor_pids), running_cluster(kit) as cluster:
             await cluster.leader(timeout_s=30)
             await cluster.wait_group(timeout_s=30)
             terms_before = [
                 s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
             ]
             pids = [p.process.pid for p in cluster.nodes.values() if p.process is not None]
-            before = cpu_seconds(pids), time.process_time()
-            ours = await run_load(
-                [
-                    registration_job(kit.ports[assignment[m]]["member"], contexts[m], assignment[m])
-                    for m in kit.member_ids
-                ],
-                concurrency,
-                deadline_s,
-            )
-            ours_cpu = cpu_used(pids, before)
+            anchors: list[LoadResult] = []
+            ours: list[LoadResult] = []
+            anchor_cpu: dict[str, float] = {}
+            ours_cpu: dict[str, float] = {}
+            for number, round_members in enumerate(slices, 1):
+                before = cpu_seconds(anchor_pids), time.process_time()
+                anchors.append(
+                    await run_load(
+                        [
+                            handshake_job(ports[assignment[m]], contexts[m], assignment[m])
+                            for m in round_members
+                        ],
+                        concurrency,
+                        deadline_s,
+                    )
+                )
+                _add_cpu(anchor_cpu, cpu_used(anchor_pids, before))
+                before = cpu_seconds(pids), time.process_time()
+                ours.append(
+                    await run_load(
+                        [
+                            registration_job(
+                                kit.ports[assignment[m]]["member"], contexts[m], assignment[m]
+                            )
+                            for m in round_members
+                        ],
+                        concurrency,
+                        deadline_s,
+                    )
+                )
+                _add_cpu(ours_cpu, cpu_used(pids, before))
+                log(
+                    f"round {number}/{rounds}: {anchors[-1].per_s:.1f} handshakes/s, "
+                    f"{ours[-1].per_s:.1f} registrations/s"
+                )
             status = await cluster.nodes[nodes[0]].status()
             terms_after = [
                 s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
             ]
-        log(f"  {ours.per_s:.1f} registrations/s")
+        anchor, total = _combined(anchors), _combined(ours)
         group_members = status["groups"]["demo"]["members"] if status else None
         return {
             "bench": "registration",
             "results": {
-                **ours.summary("registrations"),
+                **total.summary("registrations"),
                 "members": members,
                 "group_members_after": group_members,
                 "concurrency": concurrency,
                 "nodes": 3,
+                "rounds": rounds,
+                "round_ratios": [
+                    round(o.per_s / a.per_s, 3) if a.per_s else None
+                    for o, a in zip(ours, anchors, strict=True)
+                ],
                 "batch_interval_ms": batch_ms,
                 "tick_ms": TICK_MS,
                 "term_increase": max(terms_after) - max(terms_before),
@@ -353,18 +397,23 @@ async def bench(members: int, concurrency: int, batch_ms: int, deadline_s: float
                 **anchor.summary("handshakes"),
                 "cpu_s": anchor_cpu,
             },
-            "ratio": round(ours.per_s / anchor.per_s, 3) if anchor.per_s else None,
+            "ratio": round(total.per_s / anchor.per_s, 3) if anchor.per_s else None,
         }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--members", type=int, default=500, help="member certificates (1 join each)"
+        "--members", type=int, default=3000, help="member certificates (1 join each)"
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating anchor/gcks rounds (members split)"
     )
     parser.add_argument("--concurrency", type=int, default=50, help="registrations in flight")
     parser.add_argument("--batch-ms", type=int, default=50, help="policy batch interval")
-    parser.add_argument("--deadline", type=float, default=90.0, help="seconds per side, at most")
+    parser.add_argument(
+        "--deadline", type=float, default=90.0, help="seconds per side and round, at most"
+    )
     parser.add_argument(
         "--serve-anchor",
         nargs=4,
@@ -378,7 +427,9 @@ def main() -> None:
             trio.run(serve_anchor, int(port), Path(ca), Path(crt), Path(key))
         return
     started = time.monotonic()
-    result = run_bench(bench, args.members, args.concurrency, args.batch_ms, args.deadline)
+    result = run_bench(
+        bench, args.members, args.concurrency, args.batch_ms, args.deadline, args.rounds
+    )
     log(f"done in {time.monotonic() - started:.0f} s")
     print(json.dumps(result))
 
