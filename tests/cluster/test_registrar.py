@@ -59,6 +59,38 @@ async def test_member_that_stops_reading_is_cut_off_after_the_write_deadline(
     assert connection.cancel_called, "the reader must not wait on a queue nobody drains"
 
 
+class _RecordingStream:
+    """Records each `send_all` as one write."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    async def send_all(self, data: bytes) -> None:
+        self.writes.append(bytes(data))
+        await trio.lowlevel.checkpoint()
+
+
+async def test_writer_sends_queued_frames_in_order_in_one_write_and_idles_without_a_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    registrar = _registrar(RegistrarSettings(write_timeout_s=7.0))
+    stream = _RecordingStream()
+    link = _MemberLink("m1", 8)
+    for frame in (b"answer", b"push-1", b"push-2"):
+        link.send.send_nowait(frame)
+    connection = trio.CancelScope()
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(registrar._writer, stream, link, connection)
+            await trio.sleep(70.0)  # ten write deadlines of idling: no cut-off
+            assert stream.writes == [b"answerpush-1push-2"]
+            assert not connection.cancel_called
+            link.send.send_nowait(b"push-3")
+            await trio.sleep(1.0)
+            assert stream.writes[1:] == [b"push-3"]
+            nursery.cancel_scope.cancel()
+
+
 async def test_member_connections_beyond_the_limit_are_refused_before_the_handshake(
     tmp_path: Path,
 ) -> None:
