@@ -44,6 +44,7 @@ MAX_BATCH: Final = 65_536
 # The rekeyer splits bursts into commands this size; apply refuses larger ones.
 MAX_REKEY_BATCH: Final = 1024
 MAX_TIME_MS: Final = 2**63 - 1
+MAX_REQUEST_TAG: Final = 2**63 - 1  # a forwarded request's random tag (never 0)
 MAX_REASON: Final = 256
 MEMBER_ID_PATTERN = GROUP_ID_PATTERN  # member ids share the certificate id alphabet
 
@@ -100,7 +101,10 @@ class DeleteGroup:
 class Rekey:
     """One coalesced key change of a group: a batch of joins and leaves, a
     fresh TEK, a refreshed KEK, or any mix. `tree_seed` derives every new LKH
-    key of the batch; `tek_key` (None: keep the TEKs) seeds the new TEK."""
+    key of the batch; `tek_key` (None: keep the TEKs) seeds the new TEK.
+    `requests` are the tags of the requests other nodes forwarded into the
+    batch: apply ignores them and reports them, so each of those nodes knows
+    exactly which entry answers its request (`gcks.cluster.membership`)."""
 
     group: str
     joins: tuple[Join, ...]
@@ -110,6 +114,7 @@ class Rekey:
     refresh_kek: bool
     now_ms: int
     reason: str
+    requests: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,13 +152,14 @@ def encode_command(command: Command) -> bytes:
             fields = [
                 CommandType.REKEY,
                 command.group,
-                [[j.member_id, j.role.value, j.sender_key] for j in command.joins],
-                [[leave.member_id, leave.reason.value] for leave in command.leaves],
+                [join_fields(join) for join in command.joins],
+                [leave_fields(leave) for leave in command.leaves],
                 command.tree_seed,
                 command.tek_key,
                 command.refresh_kek,
                 command.now_ms,
                 command.reason,
+                list(command.requests),
             ]
     data = packb([COMMAND_VERSION, *(int(f) if isinstance(f, CommandType) else f for f in fields)])
     decode_command(data)  # refuse to log what no node could apply
@@ -196,17 +202,19 @@ def decode_command(data: bytes) -> Command:
             snapshot=read_bytes(snapshot, "RestoreState.snapshot", MAX_SNAPSHOT),
             now_ms=read_int(now_ms, "RestoreState.now_ms", 0, MAX_TIME_MS),
         )
-    group, joins, leaves, tree_seed, tek_key, refresh_kek, now_ms, reason = read_record(
-        body, "Rekey", 8
+    if len(body) == 8:
+        body = (*body, [])  # written before request tags existed: none
+    group, joins, leaves, tree_seed, tek_key, refresh_kek, now_ms, reason, requests = read_record(
+        body, "Rekey", 9
     )
     return Rekey(
         group=read_str(group, "Rekey.group", 64, GROUP_ID_PATTERN),
         joins=tuple(
-            _read_join(item, f"Rekey.joins[{i}]")
+            read_join(item, f"Rekey.joins[{i}]")
             for i, item in enumerate(read_list(joins, "Rekey.joins", MAX_BATCH))
         ),
         leaves=tuple(
-            _read_leave(item, f"Rekey.leaves[{i}]")
+            read_leave(item, f"Rekey.leaves[{i}]")
             for i, item in enumerate(read_list(leaves, "Rekey.leaves", MAX_BATCH))
         ),
         tree_seed=read_bytes(tree_seed, "Rekey.tree_seed", SEED_SIZE, SEED_SIZE),
@@ -214,6 +222,10 @@ def decode_command(data: bytes) -> Command:
         refresh_kek=read_bool(refresh_kek, "Rekey.refresh_kek"),
         now_ms=read_int(now_ms, "Rekey.now_ms", 0, MAX_TIME_MS),
         reason=read_str(reason, "Rekey.reason", MAX_REASON),
+        requests=tuple(
+            read_request_tag(item, f"Rekey.requests[{i}]")
+            for i, item in enumerate(read_list(requests, "Rekey.requests", MAX_BATCH))
+        ),
     )
 
 
@@ -224,7 +236,15 @@ def _read_policy(value: object, name: str) -> GroupPolicy:
         raise DecodeError(f"{name}: {exc}") from None
 
 
-def _read_join(value: object, name: str) -> Join:
+def join_fields(join: Join) -> list[object]:
+    return [join.member_id, join.role.value, join.sender_key]
+
+
+def leave_fields(leave: Leave) -> list[object]:
+    return [leave.member_id, leave.reason.value]
+
+
+def read_join(value: object, name: str) -> Join:
     member_id, role, sender_key = read_record(value, name, 3)
     return Join(
         member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),
@@ -235,7 +255,11 @@ def _read_join(value: object, name: str) -> Join:
     )
 
 
-def _read_leave(value: object, name: str) -> Leave:
+def read_request_tag(value: object, name: str) -> int:
+    return read_int(value, name, 1, MAX_REQUEST_TAG)
+
+
+def read_leave(value: object, name: str) -> Leave:
     member_id, reason = read_record(value, name, 2)
     return Leave(
         member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),

@@ -40,6 +40,21 @@ from gcks.proto.messages import NodeEndpoint
 
 log = logging.getLogger(__name__)
 
+# The first byte of every peer payload names its consumer: Raft, or the
+# membership requests followers forward to the leader's batch.
+_RAFT, _MEMBERSHIP = b"\x00", b"\x01"
+
+
+class _PeerChannel:
+    """One consumer's share of the peer transport: its payloads carry `tag` first."""
+
+    def __init__(self, transport: PeerTransport, tag: bytes) -> None:
+        self._transport = transport
+        self._tag = tag
+
+    def send(self, peer_id: str, payload: bytes) -> bool:
+        return self._transport.send(peer_id, self._tag + payload)
+
 
 @dataclass
 class Bound:
@@ -76,6 +91,8 @@ class Node:
         if result.rejected:
             log.info("entry %d changed nothing: %s", index, result.rejected)
         self.registrar.on_apply(result)
+        assert self.rekeyer is not None
+        self.rekeyer.on_apply(result)
         for group, member_id, _reason in result.left:
             self.registrar.detach(group, member_id)
         if replay:
@@ -134,7 +151,7 @@ class Node:
             raw,
             storage,
             state,
-            transport,
+            _PeerChannel(transport, _RAFT),
             DriverSettings(
                 tick_s=cfg.raft.tick_ms / 1000, snapshot_every=cfg.raft.snapshot_entries
             ),
@@ -145,7 +162,12 @@ class Node:
             ),
         )
         self.driver = driver
-        rekeyer = Rekeyer(driver, RekeyerSettings(), bootstrap_groups=cfg.groups)
+        rekeyer = Rekeyer(
+            driver,
+            RekeyerSettings(),
+            bootstrap_groups=cfg.groups,
+            forward=_PeerChannel(transport, _MEMBERSHIP).send,
+        )
         self.rekeyer = rekeyer
         self.sender = RekeySender(cfg.multicast.interface, cfg.multicast.ttl)
         self.registrar = Registrar(
@@ -161,7 +183,7 @@ class Node:
             await nursery.start(self.sender.run)
             await nursery.start(driver.run)
             peer_bound = await nursery.start(transport.run)
-            nursery.start_soon(self._pump, transport, driver)
+            nursery.start_soon(self._pump, transport, driver, rekeyer)
             member_bound = await nursery.start(self.registrar.serve, cfg.member_listen)
             await nursery.start(rekeyer.run)
             await nursery.start(self.probe.serve, cfg.probe_listen.host, cfg.probe_listen.port)
@@ -177,9 +199,15 @@ class Node:
             log.info("node %s started", cfg.node_id)
             task_status.started(Bound(peer=peer_bound, member=member_bound, admin=admin_bound))
 
-    async def _pump(self, transport: PeerTransport, driver: RaftDriver) -> None:
+    async def _pump(self, transport: PeerTransport, driver: RaftDriver, rekeyer: Rekeyer) -> None:
         async for from_id, payload in transport.incoming:
-            driver.deliver(from_id, payload)
+            channel, body = payload[:1], payload[1:]
+            if channel == _RAFT:
+                driver.deliver(from_id, body)
+            elif channel == _MEMBERSHIP:
+                rekeyer.deliver(from_id, body)
+            else:
+                log.warning("dropped a peer frame of unknown kind from %s", from_id)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

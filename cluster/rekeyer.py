@@ -3,7 +3,11 @@
 Two sources of rekeys (DESIGN.md "Rekey"):
 - membership: joins and leaves are coalesced per group over the policy's
   batch interval into one `Rekey` command, so a burst of registrations costs
-  one LKH update and one multicast message, not one each;
+  one LKH update and one multicast message, not one each. The batch is the
+  leader's: a follower forwards each request to it with a random tag
+  (`gcks.cluster.membership`) and waits for its own apply of the entry that
+  reports the tag, so the whole cluster sends one rekey per interval, stamped
+  by one clock;
 - lifetimes: on the leader only, a TEK close to expiry gets a successor
   (early enough for its activation delay), and a KEK close to expiry is
   refreshed through the LKH tree; an administrator can force either.
@@ -21,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -29,6 +33,7 @@ import trio
 from gcks.cluster.commands import (
     MAX_REASON,
     MAX_REKEY_BATCH,
+    MAX_REQUEST_TAG,
     CreateGroup,
     Join,
     Leave,
@@ -37,8 +42,10 @@ from gcks.cluster.commands import (
     encode_command,
 )
 from gcks.cluster.driver import RaftDriver
+from gcks.cluster.membership import MembershipRequest, decode_request, encode_request
 from gcks.cluster.raft.types import Role as RaftRole
 from gcks.cluster.state import ApplyResult
+from gcks.proto.errors import DecodeError
 from gcks.proto.policy import GroupPolicy, Role
 
 log = logging.getLogger(__name__)
@@ -59,9 +66,22 @@ class RekeyerSettings:
 class _Batch:
     joins: dict[str, Join] = field(default_factory=dict)
     leaves: dict[str, Leave] = field(default_factory=dict)
+    requests: list[int] = field(default_factory=list)  # tags of forwarded requests
     done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
     error: BaseException | None = None
+
+    @property
+    def full(self) -> bool:
+        return max(len(self.joins) + len(self.leaves), len(self.requests)) >= MAX_REKEY_BATCH
+
+
+@dataclass
+class _Forwarded:
+    """A request this node forwarded to the leader, waiting for its entry to apply here."""
+
+    done: trio.Event = field(default_factory=trio.Event)
+    result: ApplyResult | None = None
 
 
 class Rekeyer:
@@ -74,8 +94,13 @@ class Rekeyer:
         *,
         bootstrap_groups: tuple[GroupPolicy, ...] = (),
         clock_ms: Callable[[], int] = wall_clock_ms,
+        forward: Callable[[str, bytes], object] | None = None,
     ) -> None:
+        """`forward(node_id, payload)` sends a membership request to a peer
+        node (best effort); without it every request is batched here."""
         self._driver = driver
+        self._forward = forward
+        self._forwarded: dict[int, _Forwarded] = {}  # by request tag
         self._settings = settings
         self._bootstrap = bootstrap_groups
         self._clock_ms = clock_ms
@@ -93,15 +118,78 @@ class Rekeyer:
     async def join(
         self, group: str, member_id: str, role: Role, sender_key: bytes | None
     ) -> ApplyResult:
-        """Add `member_id` to the group's next batch and wait for that batch's commit."""
-        batch = self._batch(group)
-        batch.joins[member_id] = Join(member_id, role, sender_key)
-        return await self._wait(batch)
+        """Add `member_id` to the group's next batch and wait until the entry
+        that carries it is applied here; that entry's result."""
+        join = Join(member_id, role, sender_key)
+        return await self._request(MembershipRequest(_new_tag(), group, joins=(join,)))
 
     async def leave(self, group: str, member_id: str, reason: LeaveReason) -> ApplyResult:
-        batch = self._batch(group)
-        batch.leaves[member_id] = Leave(member_id, reason)
-        return await self._wait(batch)
+        leave = Leave(member_id, reason)
+        return await self._request(MembershipRequest(_new_tag(), group, leaves=(leave,)))
+
+    async def _request(self, request: MembershipRequest) -> ApplyResult:
+        status = self._driver.status
+        if self._forward is None or status.leader is None or status.role is RaftRole.LEADER:
+            # The leader batches; so does a node that knows no leader yet (its
+            # proposal waits in the driver until there is one, then goes there).
+            batch = self._add(request)
+            return await self._wait(batch)
+        return await self._forward_to_leader(request)
+
+    def _add(self, request: MembershipRequest, *, forwarded: bool = False) -> _Batch:
+        batch: _Batch | None = None
+        for join in request.joins:
+            batch = self._batch(request.group)
+            batch.joins[join.member_id] = join
+        for leave in request.leaves:
+            batch = self._batch(request.group)
+            batch.leaves[leave.member_id] = leave
+        if batch is None:
+            raise ValueError("a membership request needs a join or a leave")
+        if forwarded:
+            batch.requests.append(request.tag)
+        return batch
+
+    async def _forward_to_leader(self, request: MembershipRequest) -> ApplyResult:
+        waiter = self._forwarded[request.tag] = _Forwarded()
+        data = encode_request(request)
+        assert self._forward is not None
+        try:
+            while not waiter.done.is_set():
+                status = self._driver.status
+                if status.role is RaftRole.LEADER:
+                    # Leadership came here meanwhile: our own batch, still
+                    # answered by the tag (the batch's waiters are others).
+                    self._add(request, forwarded=True)
+                elif status.leader is not None:
+                    # Lost with a leader that fails before proposing it: sent
+                    # again to the next one (a second copy is a re-registration).
+                    self._forward(status.leader, data)
+                await _first_of(waiter.done.wait, self._driver.wait_status_change)
+        finally:
+            del self._forwarded[request.tag]
+        assert waiter.result is not None
+        return waiter.result
+
+    def deliver(self, from_id: str, payload: bytes) -> None:
+        """A request forwarded by node `from_id`: into this node's batch if it leads."""
+        try:
+            request = decode_request(payload)
+        except DecodeError as exc:
+            log.warning("dropped a malformed membership request from %s: %s", from_id, exc)
+            return
+        if self._driver.status.role is not RaftRole.LEADER:
+            return  # the sender forwards it again once it learns who leads now
+        if request.joins or request.leaves:
+            self._add(request, forwarded=True)
+
+    def on_apply(self, result: ApplyResult) -> None:
+        """Called for every applied entry: answers the forwarded requests it carried."""
+        for tag in result.requests:
+            waiter = self._forwarded.get(tag)
+            if waiter is not None and not waiter.done.is_set():
+                waiter.result = result
+                waiter.done.set()
 
     async def force(self, group: str, *, tek: bool = True, kek: bool = False) -> ApplyResult:
         """An administrator's rekey: a new TEK, a refreshed KEK, or both."""
@@ -131,7 +219,7 @@ class Rekeyer:
 
     def _batch(self, group: str) -> _Batch:
         batch = self._batches.get(group)
-        if batch is None or len(batch.joins) + len(batch.leaves) >= MAX_REKEY_BATCH:
+        if batch is None or batch.full:
             # A full batch keeps its flush; later arrivals start the next one, so
             # a burst becomes several commands that each fit one rekey message.
             batch = self._batches[group] = _Batch()
@@ -187,6 +275,7 @@ class Rekeyer:
                     refresh_kek=False,
                     now_ms=self._clock_ms(),
                     reason=reason,
+                    requests=tuple(batch.requests),
                 )
             )
         except Exception as exc:  # handed to every waiter of the batch, not swallowed
@@ -246,3 +335,20 @@ class Rekeyer:
                         reason="key lifetime",
                     )
                 )
+
+
+def _new_tag() -> int:
+    """A random request tag in [1, 2**63 - 1]: unique without coordination."""
+    return int.from_bytes(os.urandom(8), "big") % MAX_REQUEST_TAG + 1
+
+
+async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as any of `waits` returns."""
+    async with trio.open_nursery() as nursery:
+        for wait in waits:
+
+            async def run(wait: Callable[[], Awaitable[object]] = wait) -> None:
+                await wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(run)

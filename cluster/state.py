@@ -142,6 +142,9 @@ class ApplyResult:
     joined: tuple[tuple[str, str], ...] = ()  # (group, member id), re-registrations included
     left: tuple[tuple[str, str, LeaveReason], ...] = ()
     rejected: str | None = None  # why a command changed nothing (unknown group, ...)
+    # Tags of the forwarded requests the command carried, applied or not: how
+    # the node that forwarded one to the leader learns its outcome.
+    requests: tuple[int, ...] = ()
 
 
 class _Group:
@@ -410,6 +413,10 @@ class GroupState:
         return ApplyResult(outbound=(dataclasses.replace(final, terminate=True),))
 
     def _rekey(self, index: int, cmd: Rekey) -> ApplyResult:
+        result = self._rekey_settle(index, cmd)
+        return dataclasses.replace(result, requests=cmd.requests) if cmd.requests else result
+
+    def _rekey_settle(self, index: int, cmd: Rekey) -> ApplyResult:
         g = self._groups.get(cmd.group)
         if g is None:
             return ApplyResult(rejected=f"unknown group {cmd.group!r}")

@@ -13,6 +13,7 @@ import trio
 
 from gcks.cluster.config import load_config
 from gcks.cluster.node import Node
+from gcks.proto.messages import GsaAnswer
 from tests.cluster.clusterkit import Kit, admin_call, make_kit, register
 
 
@@ -48,6 +49,36 @@ async def test_registration_at_every_node_gives_the_same_keys(tmp_path: Path) ->
                 while node.driver.state.msg_id("demo") < last.msg_id:
                     await trio.sleep(0.02)
             assert node.driver.state.kek("demo") == last.kek
+        nursery.cancel_scope.cancel()
+
+
+async def test_registrations_at_every_node_within_one_interval_make_one_rekey(
+    tmp_path: Path,
+) -> None:
+    # Followers forward their joins to the leader's batch: the policy's one
+    # rekey per batch interval holds for the cluster, not once per node.
+    kit = make_kit(tmp_path, members=6, group={"batch_interval_ms": 1500})
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        await wait_for_group(nodes)
+        driver = nodes["n1"].driver
+        assert driver is not None
+        before = driver.state.msg_id("demo")
+        answers: list[GsaAnswer] = []
+
+        async def join(member: str, nid: str) -> None:
+            answers.append(await register(kit, member, nid))
+
+        async with trio.open_nursery() as joiners:
+            for i, nid in enumerate(kit.node_ids * 2):
+                joiners.start_soon(join, f"m{i + 1}", nid)
+        assert {a.msg_id for a in answers} == {before + 1}, "one rekey message for all six"
+        for node in nodes.values():
+            assert node.driver is not None
+            with trio.fail_after(10):
+                while node.driver.state.member_count("demo") < 6:
+                    await trio.sleep(0.02)
+            assert node.driver.state.msg_id("demo") == before + 1
         nursery.cancel_scope.cancel()
 
 

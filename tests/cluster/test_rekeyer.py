@@ -7,6 +7,7 @@ Trio's MockClock jumps over the batch intervals.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import trio
@@ -22,6 +23,7 @@ from gcks.cluster.commands import (
     decode_command,
     encode_command,
 )
+from gcks.cluster.membership import MembershipRequest, decode_request, encode_request
 from gcks.cluster.raft.types import Role as RaftRole
 from gcks.cluster.rekeyer import Rekeyer, RekeyerSettings
 from gcks.cluster.state import ApplyResult, GroupState
@@ -167,3 +169,185 @@ async def test_first_registrations_to_many_groups_at_once_all_commit(
             nursery.cancel_scope.cancel()
     assert len(results) == len(groups)
     assert all(driver.state.is_member(group, "m1") for group in groups)
+
+
+# ------------------------------------------------------- leader-side batching
+
+
+@dataclass
+class _ClusterStatus:
+    role: RaftRole
+    leader: str | None
+    commit: int = 0
+
+
+class _Node:
+    """A stand-in driver for one node of a cluster whose leader applies every
+    proposal at once and hands each entry to every node's state in turn."""
+
+    def __init__(self, node_id: str, cluster: _Cluster) -> None:
+        self.node_id = node_id
+        self.cluster = cluster
+        self.state = GroupState()
+        self.status = _ClusterStatus(RaftRole.FOLLOWER, None)
+        self.changed = trio.Event()
+        self.rekeyer = Rekeyer(
+            self,  # type: ignore[arg-type]
+            RekeyerSettings(check_interval_s=3600.0),
+            clock_ms=lambda: T0 + 1000,
+            forward=self.forward,
+        )
+        self.sent: list[str] = []
+        self.links_up = True  # False: forwarded requests are lost on the way
+
+    def forward(self, peer_id: str, payload: bytes) -> bool:
+        self.sent.append(peer_id)
+        if self.links_up:
+            self.cluster.nodes[peer_id].rekeyer.deliver(self.node_id, payload)
+        return True
+
+    async def propose(self, data: bytes, timeout_s: float) -> ApplyResult:
+        await trio.lowlevel.checkpoint()
+        return self.cluster.commit(data)
+
+    async def wait_status_change(self) -> None:
+        await self.changed.wait()
+
+    def set_leader(self, leader: str | None) -> None:
+        self.status.leader = leader
+        self.status.role = RaftRole.LEADER if leader == self.node_id else RaftRole.FOLLOWER
+        self.changed.set()
+        self.changed = trio.Event()
+
+
+class _Cluster:
+    def __init__(self, *node_ids: str) -> None:
+        self.nodes = {nid: _Node(nid, self) for nid in node_ids}
+        self.index = 0
+        self.proposed: list[Rekey] = []
+        self.commit(
+            encode_command(CreateGroup(policy(), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0))
+        )
+
+    def lead(self, leader: str | None) -> None:
+        for node in self.nodes.values():
+            node.set_leader(leader)
+
+    def commit(self, data: bytes) -> ApplyResult:
+        command = decode_command(data)
+        if isinstance(command, Rekey):
+            self.proposed.append(command)
+        self.index += 1
+        results = {}
+        for node in self.nodes.values():
+            results[node.node_id] = node.state.apply(self.index, data)
+            node.status.commit = self.index
+            node.rekeyer.on_apply(results[node.node_id])
+        return next(iter(results.values()))
+
+
+async def test_followers_forward_joins_to_the_leader_so_one_interval_makes_one_rekey(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = _Cluster("n1", "n2", "n3")
+    cluster.lead("n1")
+    results: dict[str, ApplyResult] = {}
+
+    async def join(nid: str, member: str) -> None:
+        results[member] = await cluster.nodes[nid].rekeyer.join("demo", member, Role.RECEIVER, None)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for node in cluster.nodes.values():
+                await nursery.start(node.rekeyer.run)
+            async with trio.open_nursery() as joiners:
+                for i, nid in enumerate(["n1", "n2", "n3"] * 4):
+                    joiners.start_soon(join, nid, f"m{i}")
+            nursery.cancel_scope.cancel()
+    assert len(cluster.proposed) == 1, "the leader's one batch carries every node's joins"
+    assert {j.member_id for j in cluster.proposed[0].joins} == {f"m{i}" for i in range(12)}
+    assert all(("demo", m) in r.joined for m, r in results.items())
+    assert cluster.nodes["n2"].sent == ["n1"] * 4
+    assert cluster.nodes["n1"].sent == [], "the leader batches its own"
+
+
+async def test_only_the_entry_with_its_tag_answers_a_forwarded_join(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A follower catching up may first apply an older entry that names the
+    # same member (its previous registration): that entry is not the answer.
+    cluster = _Cluster("n1", "n2")
+    cluster.lead("n1")
+    follower = cluster.nodes["n2"]
+    follower.links_up = False
+    outcome: list[ApplyResult] = []
+    tags: list[int] = []
+    real_forward = follower.forward
+
+    def capture(peer_id: str, payload: bytes) -> bool:
+        tags.append(decode_request(payload).tag)
+        return real_forward(peer_id, payload)
+
+    follower.rekeyer._forward = capture
+
+    async def join() -> None:
+        outcome.append(await follower.rekeyer.join("demo", "m1", Role.RECEIVER, None))
+
+    older = ApplyResult(joined=(("demo", "m1"),), requests=(12345,))
+    own = ApplyResult(joined=(("demo", "m1"),))
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(join)
+            await trio.testing.wait_all_tasks_blocked()
+            follower.rekeyer.on_apply(older)
+            await trio.testing.wait_all_tasks_blocked()
+            assert outcome == []
+            own = dataclasses.replace(own, requests=(99, tags[0]))
+            follower.rekeyer.on_apply(own)
+    assert outcome[0] is own
+
+
+async def test_a_forwarded_join_goes_to_each_new_leader_until_its_entry_applies(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = _Cluster("n1", "n2", "n3")
+    cluster.lead("n1")
+    follower = cluster.nodes["n2"]
+    follower.links_up = False
+    sent = follower.sent
+    outcome: list[ApplyResult] = []
+
+    async def join() -> None:
+        outcome.append(await follower.rekeyer.join("demo", "m1", Role.RECEIVER, None))
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for node in cluster.nodes.values():
+                await nursery.start(node.rekeyer.run)
+            nursery.start_soon(join)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent == ["n1"]  # ... and lost: n1 fails before it batches it
+            cluster.lead(None)
+            await trio.testing.wait_all_tasks_blocked()
+            assert sent == ["n1"], "nobody to send to during an election"
+            follower.links_up = True
+            cluster.lead("n3")
+            while not outcome:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert ("demo", "m1") in outcome[0].joined
+    assert sent == ["n1", "n3"]
+    assert [c.joins[0].member_id for c in cluster.proposed] == ["m1"]
+
+
+async def test_a_node_that_does_not_lead_drops_forwarded_requests_and_malformed_ones(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    cluster = _Cluster("n1", "n2")
+    cluster.lead("n1")
+    follower = cluster.nodes["n2"].rekeyer
+    payload = encode_request(MembershipRequest(7, "demo", joins=(Join("m1", Role.RECEIVER),)))
+    follower.deliver("n1", payload)  # n2 does not lead: nothing batched
+    cluster.nodes["n1"].rekeyer.deliver("n2", b"\xc1 not msgpack")  # logged, not raised
+    await trio.sleep(5)
+    assert cluster.proposed == []

@@ -8,9 +8,11 @@ secrecy, forward access control, termination, no forged rekeys.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 
+import msgpack
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
@@ -137,10 +139,51 @@ def test_command_encoding_round_trips() -> None:
         refresh_kek=True,
         now_ms=T0,
         reason="r",
+        requests=(5, 2**63 - 1),
     )
     assert decode_command(encode_command(command)) == command
     assert "SSSS" not in repr(command)
     assert "TTTT" not in repr(command)
+
+
+def test_a_result_reports_the_request_tags_of_its_command_applied_or_not() -> None:
+    # A node that forwarded a request to the leader finds its outcome by these
+    # tags, so a join that apply skipped (the member is banned) must report its.
+    cluster = Cluster()
+    cluster.join("m1")
+    cluster.rekey(leaves=[Leave("m1", LeaveReason.EVICT)])
+    cluster.now += 1000
+    command = Rekey(
+        "demo",
+        (Join("m1", Role.RECEIVER), Join("m2", Role.RECEIVER)),
+        (),
+        os.urandom(32),
+        None,
+        False,
+        cluster.now,
+        "test",
+        requests=(11, 22),
+    )
+    cluster.index += 1
+    result = cluster.state.apply(cluster.index, encode_command(command))
+    assert result.joined == (("demo", "m2"),)
+    assert result.requests == (11, 22)
+    unknown = dataclasses.replace(command, group="other", requests=(33,))
+    cluster.index += 1
+    result = cluster.state.apply(cluster.index, encode_command(unknown))
+    assert result.rejected is not None
+    assert result.requests == (33,)
+
+
+def test_a_rekey_logged_before_request_tags_existed_still_decodes() -> None:
+    # Entries of 8 fields are in the logs of nodes that ran the previous version.
+    old = msgpack.packb(
+        [1, 4, "demo", [["m1", "receiver", None]], [], b"S" * 32, None, False, T0, "r"]
+    )
+    command = decode_command(old)
+    assert isinstance(command, Rekey)
+    assert command.requests == ()
+    assert command.joins == (Join("m1", Role.RECEIVER),)
 
 
 def test_nodes_applying_the_same_log_seal_byte_identical_rekeys() -> None:
