@@ -21,7 +21,8 @@ messages encoded elsewhere) in length-prefixed frames (`gcks.proto.codec`).
   most). The task dials under `connect_timeout_ms`, handshakes under
   `handshake_timeout_ms`, checks that the server is the node it dialed, writes
   under `write_timeout_ms`, and after any failure waits a capped exponential
-  backoff with jitter before it dials again.
+  backoff with jitter before it dials again, cut short when that peer
+  connects to us (a restarted node is reachable both ways at once).
 - Liveness: an idle outbound link carries an empty keepalive frame every
   `keepalive_ms`; an inbound link silent for `idle_timeout_ms` is closed, so a
   peer that vanished without closing its socket does not pin a connection.
@@ -149,6 +150,9 @@ class _Link:
     stats: PeerStats
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     failing: bool = False
+    # The backoff sleep before the next dial, while there is one: cancelled
+    # when the peer connects to us, which proves it is up again.
+    backoff: trio.CancelScope | None = None
 
 
 class PeerTransport:
@@ -263,7 +267,9 @@ class PeerTransport:
                     # breaks at once (e.g. the peer refuses our certificate) backs off.
                     if trio.current_time() - started >= settings.backoff_max_ms / 1000:
                         attempt = 0
-                await trio.sleep(backoff_delay(attempt, settings, self._rng))
+                with trio.CancelScope() as link.backoff:
+                    await trio.sleep(backoff_delay(attempt, settings, self._rng))
+                link.backoff = None
                 attempt += 1
 
     async def _dial(self, link: _Link) -> trio.SSLStream[trio.SocketStream] | None:
@@ -386,6 +392,11 @@ class PeerTransport:
             await trio.aclose_forcefully(stream)
             return
         log.info("peer link %s <- %s accepted from %s", self.node_id, identity.id, remote)
+        if (link := self._links.get(identity.id)) is not None and link.backoff is not None:
+            # A restarted peer dials us at once; without this our side of the
+            # pair would stay down for the rest of its backoff (up to
+            # backoff_max_ms), and with it, our view of whether the peer is up.
+            link.backoff.cancel()
         with trio.CancelScope() as scope:
             if (older := self._inbound.get(identity.id)) is not None:
                 older.cancel()

@@ -487,3 +487,29 @@ async def test_handshakes_beyond_the_cap_are_refused_at_once(
                 assert any("too many handshakes" in r.getMessage() for r in caplog.records)
                 await slow.send_all(b"\x16")  # the first one still holds its slot
             nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_connects_to_us_is_redialed_at_once_not_after_the_backoff(
+    certs: Pki, autojump_clock: trio.testing.MockClock
+) -> None:
+    # n1 dials n2 while nothing listens there and backs off for a minute; n2
+    # then starts on that address and dials n1: n1 redials now.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        n2_address = Address("127.0.0.1", sock.getsockname()[1])
+    settings = PeerLinkConfig(backoff_min_ms=60_000, backoff_max_ms=60_000)
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            n1 = _transport(certs, "n1", {"n2": n2_address}, settings)
+            a1 = await _start(nursery, n1)
+            link = n1.stats.peers["n2"]
+            await _wait_until(lambda: link.connect_failures == 1)
+            n2 = _transport(certs, "n2", {"n1": a1}, settings, listen=n2_address)
+            await _start(nursery, n2)
+            start = trio.current_time()
+            assert n2.send("n1", b"hello")  # n2's dial reaches n1's listener
+            assert await n1.incoming.receive() == ("n2", b"hello")
+            await _wait_until(lambda: link.connected)
+            assert trio.current_time() - start < 1.0, "not after the 30-60 s backoff"
+            assert link.connect_failures == 1
+            nursery.cancel_scope.cancel()
