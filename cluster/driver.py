@@ -241,9 +241,12 @@ class RaftDriver:
                 # A late wake-up ticks once, not many times: a burst of ticks
                 # after a stall would start elections that nothing justified.
                 self._raw.tick()
-                self._watch_leader_link()
                 next_tick = max(next_tick + tick_s, now + tick_s / 2)
             await self._drain_ready()
+            # After every step, not only on ticks: a node that has just
+            # (re)started may learn its leader and lose it within one tick,
+            # and the hint needs to have seen the link up under that leader.
+            self._watch_leader_link()
 
     def _watch_leader_link(self) -> None:
         leader = self.status.leader

@@ -324,16 +324,20 @@ class RawNode:
         still needs a majority that has also stopped hearing from the leader (the
         lease check), so one flapping link disrupts nothing."""
         if self._state is Role.FOLLOWER and peer == self.lead and self._promotable():
-            # Every follower gets the hint at about the same moment; campaigning
-            # together would split the vote. So they take turns by id: the first
-            # campaigns at the next tick, the next two ticks later, and so on.
+            # Every follower gets the hint within about a tick of the others;
+            # campaigning together would split the vote. So they take turns by
+            # id: the first campaigns two ticks later, the next two ticks after
+            # it, and so on. Two, not one: a pre-vote that reaches a follower
+            # still honouring the dead leader's lease is refused, and if that
+            # follower's log is behind (it cannot win either) the cluster
+            # waits out a whole election timeout.
             rank = sorted(v for v in self._voters if v != peer).index(self.id)
             # No known leader means no lease: this node now grants pre-votes to
             # the others; a heartbeat from a leader that is in fact alive sets
             # the leader again and restarts the election timer.
             self.lead = None
             self._election_elapsed = max(
-                self._election_elapsed, self._randomized_timeout - 1 - 2 * rank
+                self._election_elapsed, self._randomized_timeout - 2 - 2 * rank
             )
 
     def compact(self, index: int, data: bytes) -> Snapshot:

@@ -164,6 +164,29 @@ def test_leader_lost_hint_elects_a_new_leader_within_a_few_ticks() -> None:
     assert ticks <= 3
 
 
+def test_leader_lost_hint_elects_quickly_when_the_followers_get_it_a_tick_apart() -> None:
+    # The followers notice the broken link on their own ticks. The first must
+    # not canvass the second before the second stopped honouring the dead
+    # leader's lease: a refusal then costs a whole election timeout when the
+    # second's log is behind (it cannot win the vote itself).
+    net = Network(IDS)
+    net.elect("n1")
+    net.cut.add(("n1", "n3"))
+    net.propose("n1", b"only n2 stores this")
+    net.run(1)
+    assert net.nodes["n2"].log.last_index() > net.nodes["n3"].log.last_index()
+    net.down.add("n1")
+    net.nodes["n2"].report_leader_lost("n1")
+    net.run(1)
+    net.nodes["n3"].report_leader_lost("n1")
+    ticks = 1
+    while not net.leaders() and ticks < 12:
+        net.run(1)
+        ticks += 1
+    assert net.leaders() == ["n2"]
+    assert ticks <= 4, f"a leader after {ticks} ticks: the hint was wasted"
+
+
 def test_leader_lost_hint_from_one_follower_does_not_disrupt_a_live_leader() -> None:
     net = Network(IDS)
     net.elect("n1")
