@@ -93,8 +93,10 @@ async def grow_loader(config: Path) -> None:
             start = time.perf_counter()
             while len(driver.state.members(GROUP)) < int(target):
                 count = min(int(batch), int(target) - len(driver.state.members(GROUP)))
-                joins = tuple(Join(f"s{synthetic + i:07d}", Role.RECEIVER) for i in range(count))
+                # "m" first: the kit's policy authorizes m* (apply skips anyone else).
+                joins = tuple(Join(f"ms{synthetic + i:07d}", Role.RECEIVER) for i in range(count))
                 synthetic += count
+                before = len(driver.state.members(GROUP))
                 await driver.propose(
                     encode_command(
                         Rekey(
@@ -110,6 +112,8 @@ async def grow_loader(config: Path) -> None:
                     ),
                     PROPOSE_TIMEOUT_S,
                 )
+                if len(driver.state.members(GROUP)) == before:
+                    raise SystemExit("a growth batch added no member: is the policy refusing them?")
             answer = {
                 "members": len(driver.state.members(GROUP)),
                 "grow_s": time.perf_counter() - start,
