@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from gcks.cluster import tls
+from gcks.cluster import tlsreload
 from gcks.cluster.admin import AdminServer
 from gcks.cluster.config import Address, NodeConfig
 from gcks.cluster.driver import DriverSettings, RaftDriver
@@ -74,6 +74,7 @@ class Node:
         self.rekeyer: Rekeyer | None = None
         self.sender: RekeySender | None = None
         self.transport: PeerTransport | None = None
+        self.tls: tlsreload.NodeTls | None = None
         self.stopping = False
         self.clock_ms = wall_clock_ms
         self.probe = ProbeResponder(config.node_id)
@@ -134,16 +135,13 @@ class Node:
             entries=recovered.entries,
             snapshot=recovered.snapshot,
         )
+        node_tls = self.tls = tlsreload.NodeTls(cfg.tls, cfg.node_id)
         transport = PeerTransport(
             cfg.node_id,
             cfg.peer_listen,
             {i: e.peer for i, e in cfg.other_peers.items()},
-            server_context=tls.peer_server_context(
-                cluster_ca=cfg.tls.cluster_ca, cert=cfg.tls.cert, key=cfg.tls.key
-            ),
-            client_context=tls.peer_client_context(
-                cluster_ca=cfg.tls.cluster_ca, cert=cfg.tls.cert, key=cfg.tls.key
-            ),
+            server_context=node_tls.peer_server,
+            client_context=node_tls.peer_client,
             settings=cfg.peer_link,
         )
         self.transport = transport
@@ -174,9 +172,7 @@ class Node:
             driver,
             rekeyer,
             self.nodes(),
-            tls.member_server_context(
-                member_ca=cfg.tls.member_ca, cert=cfg.tls.cert, key=cfg.tls.key
-            ),
+            node_tls.member_server,
             RegistrarSettings(),
         )
         async with trio.open_nursery() as nursery:
@@ -187,15 +183,11 @@ class Node:
             member_bound = await nursery.start(self.registrar.serve, cfg.member_listen)
             await nursery.start(rekeyer.run)
             await nursery.start(self.probe.serve, cfg.probe_listen.host, cfg.probe_listen.port)
-            admin = AdminServer(
-                self,
-                tls.admin_server_context(
-                    cluster_ca=cfg.tls.cluster_ca, cert=cfg.tls.cert, key=cfg.tls.key
-                ),
-            )
+            admin = AdminServer(self, node_tls.admin_server)
             admin_bound = await nursery.start(admin.serve, cfg.admin_listen)
             await nursery.start(serve_ops, self, cfg.ops_listen.host, cfg.ops_listen.port)
             nursery.start_soon(self._signals, nursery.cancel_scope)
+            await nursery.start(tlsreload.watch, node_tls)
             log.info("node %s started", cfg.node_id)
             task_status.started(Bound(peer=peer_bound, member=member_bound, admin=admin_bound))
 
@@ -298,6 +290,20 @@ class Node:
             registrar.stats.pushes_dropped,
         )
         yield one("gcks_members_attached", gauge, "Member connections here.", registrar.attached)
+        if self.tls is not None:
+            yield one(
+                "gcks_tls_cert_expiry_timestamp_seconds",
+                gauge,
+                "When the certificate this node presents expires (Unix time).",
+                self.tls.expiry.timestamp(),
+            )
+            yield one("gcks_tls_reloads_total", counter, "TLS files reloaded.", self.tls.reloads)
+            yield one(
+                "gcks_tls_reload_failures_total",
+                counter,
+                "Changed TLS files refused (the old certificate stays).",
+                self.tls.reload_failures,
+            )
         yield MetricFamily(
             "gcks_group_members",
             gauge,

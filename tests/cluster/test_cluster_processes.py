@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
 import socket
 import ssl
 from collections import defaultdict
@@ -18,12 +19,14 @@ from pathlib import Path
 
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
 
 from gcks.cluster import pki
 from gcks.cluster.admin import AdminError
 from gcks.cluster.tls import peer_client_context
 from gcks.member.session import Session
 from gcks.member.tls import member_client_context
+from gcks.proto.identity import Role as CertRole
 from gcks.proto.policy import Role
 from gcks.proto.rekey import parse_rekey_header
 from tests.cluster.clusterkit import Kit, admin_call, make_kit, register
@@ -215,6 +218,48 @@ async def test_member_and_unknown_node_certificates_are_refused_where_they_do_no
         assert "peer link from" in log
         assert "refused" in log
         assert "admin connection refused" in log
+
+
+async def test_a_node_presents_a_renewed_certificate_after_sighup_without_a_restart(
+    tmp_path: Path,
+) -> None:
+    kit = make_kit(tmp_path)
+    ca, member_crt, member_key = kit.member_files("m1")
+    member = member_client_context(cluster_ca=ca, cert=member_crt, key=member_key)
+    cluster_ca = pki.CertificateAuthority.load(
+        pki.CaKind.CLUSTER, *pki.ca_paths(kit.root / "pki", pki.CaKind.CLUSTER)
+    )
+    renewed = pki.issue(cluster_ca, CertRole.NODE, "n1", tmp_path / "renewed", ips=["127.0.0.1"])
+
+    async def presented() -> bytes:
+        tcp = await trio.open_tcp_stream("127.0.0.1", kit.ports["n1"]["member"])
+        stream = trio.SSLStream(tcp, member, server_hostname=None)
+        try:
+            await stream.do_handshake()
+            der = stream.getpeercert(binary_form=True)
+            assert der is not None
+            return der
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async with running_cluster(kit) as cluster:
+        await cluster.wait_group()
+        before = await presented()
+        crt, key = pki.cert_paths(kit.root / "pki", CertRole.NODE, "n1")
+        for source, target in ((renewed.cert_path, crt), (renewed.key_path, key)):
+            staged = target.with_suffix(".new")
+            staged.write_bytes(source.read_bytes())
+            staged.replace(target)
+        await cluster.nodes["n1"].signal(signal.SIGHUP)
+        new = renewed.certificate.public_bytes(serialization.Encoding.DER)
+        with trio.fail_after(10):
+            while (now := await presented()) == before:
+                await trio.sleep(0.05)
+        assert now == new
+        assert cluster.nodes["n1"].alive
+        _, metrics = await cluster.nodes["n1"].http("/metrics")
+        assert "gcks_tls_reloads_total 1" in metrics
+        await cluster.leader()  # peers still talk to it
 
 
 async def test_random_bytes_at_every_listener_change_nothing(tmp_path: Path) -> None:
