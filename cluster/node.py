@@ -13,6 +13,7 @@ May import trio and the rest of `gcks.cluster`; this is the composition root.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -125,7 +126,11 @@ class Node:
                 id=cfg.node_id,
                 election_tick=cfg.raft.election_ticks,
                 heartbeat_tick=cfg.raft.heartbeat_ticks,
-                seed=int.from_bytes(cfg.node_id.encode()[:8], "big"),
+                # Fresh at every start: seeded by the node id, nodes named
+                # alike (gcks-node-0, gcks-node-1: the same first 8 bytes) drew
+                # the same election timeouts and split their votes, and a
+                # restarted node repeated its own.
+                seed=int.from_bytes(os.urandom(8), "big"),
             ),
             # A brand-new data directory bootstraps the configured cluster, unless
             # the node joins a running one (it then learns the configuration from
