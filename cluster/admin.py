@@ -32,7 +32,6 @@ from gcks.cluster.commands import (
     DeleteGroup,
     LeaveReason,
     RestoreState,
-    UpdatePolicy,
     encode_command,
 )
 from gcks.cluster.config import Address
@@ -282,8 +281,10 @@ class AdminServer:
 
     async def _group_update(self, args: dict[str, object]) -> object:
         policy = self._policy_arg(args)
-        command = UpdatePolicy(policy, self._node.clock_ms())
-        return await self._propose(encode_command(command))
+        result = await self._rekeyer.update_policy(policy)
+        if result.rejected:
+            raise AdminError("rejected", result.rejected)
+        return {"msg_ids": [o.msg_id for o in result.outbound]}
 
     async def _group_delete(self, args: dict[str, object]) -> object:
         await self._linearizable()  # a lagging node must not refuse by stale state

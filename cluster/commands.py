@@ -59,7 +59,8 @@ class CommandType(enum.IntEnum):
 
 class LeaveReason(enum.StrEnum):
     DEREGISTER = "deregister"  # the member asked to leave
-    EVICT = "evict"  # an administrator removed it
+    EVICT = "evict"  # an administrator removed it (and it may not join again)
+    REVOKE = "revoke"  # a policy update no longer authorizes it
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +87,14 @@ class CreateGroup:
 
 @dataclass(frozen=True, slots=True)
 class UpdatePolicy:
+    """Replace a group's policy. Members it no longer authorizes leave the group
+    in the same entry, rekeyed from `tree_seed` and `tek_key` (entries logged
+    before these fields existed carry None and revoke nobody)."""
+
     policy: GroupPolicy
     now_ms: int
+    tree_seed: bytes | None = field(default=None, repr=False)
+    tek_key: bytes | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,7 +150,13 @@ def encode_command(command: Command) -> bytes:
                 command.now_ms,
             ]
         case UpdatePolicy():
-            fields = [CommandType.UPDATE_POLICY, command.policy.to_mapping(), command.now_ms]
+            fields = [
+                CommandType.UPDATE_POLICY,
+                command.policy.to_mapping(),
+                command.now_ms,
+                command.tree_seed,
+                command.tek_key,
+            ]
         case DeleteGroup():
             fields = [CommandType.DELETE_GROUP, command.group, command.now_ms, command.reason]
         case RestoreState():
@@ -184,10 +197,16 @@ def decode_command(data: bytes) -> Command:
             now_ms=read_int(now_ms, "CreateGroup.now_ms", 0, MAX_TIME_MS),
         )
     if kind is CommandType.UPDATE_POLICY:
-        policy, now_ms = read_record(body, "UpdatePolicy", 2)
+        if len(body) == 2:
+            body = (*body, None, None)  # logged before revocation existed: no seeds
+        policy, now_ms, tree_seed, tek_key = read_record(body, "UpdatePolicy", 4)
         return UpdatePolicy(
             policy=_read_policy(policy, "UpdatePolicy.policy"),
             now_ms=read_int(now_ms, "UpdatePolicy.now_ms", 0, MAX_TIME_MS),
+            tree_seed=read_optional(
+                tree_seed, "UpdatePolicy.tree_seed", read_bytes, SEED_SIZE, SEED_SIZE
+            ),
+            tek_key=read_optional(tek_key, "UpdatePolicy.tek_key", read_bytes, KEY_SIZE, KEY_SIZE),
         )
     if kind is CommandType.DELETE_GROUP:
         group, now_ms, reason = read_record(body, "DeleteGroup", 3)

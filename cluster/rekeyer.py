@@ -39,6 +39,7 @@ from gcks.cluster.commands import (
     Leave,
     LeaveReason,
     Rekey,
+    UpdatePolicy,
     encode_command,
 )
 from gcks.cluster.driver import RaftDriver
@@ -206,6 +207,18 @@ class Rekeyer:
             )
         )
 
+    async def update_policy(self, policy: GroupPolicy) -> ApplyResult:
+        """Replace a group's policy; members it no longer authorizes leave in the
+        same entry, rekeyed from the seeds drawn here."""
+        return await self._propose(
+            UpdatePolicy(
+                policy,
+                self._clock_ms(),
+                tree_seed=os.urandom(32),
+                tek_key=os.urandom(32),
+            )
+        )
+
     async def create_group(self, policy: GroupPolicy) -> ApplyResult:
         return await self._propose(
             CreateGroup(
@@ -283,7 +296,7 @@ class Rekeyer:
         finally:
             batch.done.set()
 
-    async def _propose(self, command: CreateGroup | Rekey) -> ApplyResult:
+    async def _propose(self, command: CreateGroup | Rekey | UpdatePolicy) -> ApplyResult:
         result = await self._driver.propose(
             encode_command(command), self._settings.request_timeout_s
         )

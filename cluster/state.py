@@ -43,6 +43,7 @@ from gcks.cluster.commands import (
     Command,
     CreateGroup,
     DeleteGroup,
+    Leave,
     LeaveReason,
     Rekey,
     RestoreState,
@@ -85,7 +86,11 @@ DEDUPE_LIMIT: Final = 4096
 MAX_SENDER_ID: Final = 0xFFFF_FFFF
 
 
-_LEAVE_EVENT: Final = {LeaveReason.DEREGISTER: "leave", LeaveReason.EVICT: "evict"}
+_LEAVE_EVENT: Final = {
+    LeaveReason.DEREGISTER: "leave",
+    LeaveReason.EVICT: "evict",
+    LeaveReason.REVOKE: "revoke",
+}
 
 
 def _tek_key(secret: bytes, index: int) -> bytes:
@@ -395,10 +400,40 @@ class GroupState:
             # would split them (and, turned on, leave earlier members accepting
             # packets any member can forge). Delete and re-create the group.
             return ApplyResult(rejected="source_auth is fixed when a group is created")
+        revoked = sorted(
+            mid for mid, m in g.members.items() if m.role not in cmd.policy.roles_for(mid)
+        )
+        if cmd.tree_seed is None:
+            revoked = []  # logged before revocation existed: replay it as it was applied
+        if len(revoked) > MAX_REKEY_BATCH:
+            # One rekey message cannot carry the LKH update; refused whole, not halfway.
+            return ApplyResult(
+                rejected=f"the policy revokes {len(revoked)} members, at most "
+                f"{MAX_REKEY_BATCH} per update: narrow it in steps"
+            )
         g.policy = cmd.policy
         self._record(index, cmd.now_ms, group, "update", None, "policy updated")
         body = RekeyBody(policy=cmd.policy, reason="policy update")
-        return ApplyResult(outbound=(self._seal(g, body),))
+        outbound = [self._seal(g, body)]
+        if not revoked:
+            return ApplyResult(outbound=tuple(outbound))
+        # Forward access control: members the new policy does not admit leave
+        # at this same entry, so no later key (a TEK rotation, say) reaches them.
+        assert cmd.tree_seed is not None
+        revocation = self._rekey_settle(
+            index,
+            Rekey(
+                group=group,
+                joins=(),
+                leaves=tuple(Leave(mid, LeaveReason.REVOKE) for mid in revoked),
+                tree_seed=cmd.tree_seed,
+                tek_key=cmd.tek_key if cmd.policy.rekey_on_leave else None,
+                refresh_kek=False,
+                now_ms=cmd.now_ms,
+                reason="authorization revoked by a policy update",
+            ),
+        )
+        return ApplyResult(outbound=(*outbound, *revocation.outbound), left=revocation.left)
 
     def _delete(self, index: int, cmd: DeleteGroup) -> ApplyResult:
         g = self._groups.get(cmd.group)

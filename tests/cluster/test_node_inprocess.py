@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
 import trio
 
 from gcks.cluster.config import load_config
 from gcks.cluster.node import Node
+from gcks.member.session import Refused
 from gcks.proto.messages import GsaAnswer
 from tests.cluster.clusterkit import Kit, admin_call, make_kit, register
 
@@ -148,4 +150,26 @@ async def test_admin_evicts_a_member_and_lists_groups_from_any_node(tmp_path: Pa
             "applied_index",
             "peers",
         }  # type: ignore[arg-type]
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_admin_policy_update_that_drops_a_members_authorization_removes_it(
+    tmp_path: Path,
+) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        await wait_for_group(nodes)
+        await register(kit, "m1", "n1")
+        await register(kit, "m2", "n2")
+        driver = nodes["n1"].driver
+        assert driver is not None
+        narrowed = driver.state.policy("demo").to_mapping()
+        narrowed["authorize"] = [{"identity": "m1", "roles": ["receiver"]}]
+        answer = await admin_call(kit, "n3", "group.update", {"policy": narrowed})
+        assert len(answer["msg_ids"]) == 3, "policy, then the KEK past m2, then the TEK"
+        members = await admin_call(kit, "n1", "member.list", {"group": "demo"})
+        assert [m["member"] for m in members] == ["m1"]  # type: ignore[index, union-attr]
+        with pytest.raises(Refused, match="UNAUTHORIZED"):
+            await register(kit, "m2", "n2")
         nursery.cancel_scope.cancel()

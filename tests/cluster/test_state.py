@@ -561,6 +561,61 @@ def test_a_command_committed_twice_past_the_dedupe_window_never_repeats_a_tek() 
     assert sender.protect(b"under the second copy's TEK", cluster.now)
 
 
+def test_members_a_new_policy_no_longer_admits_leave_in_the_same_entry() -> None:
+    cluster = Cluster()
+    for mid in ("a1", "a2", "m1", "m2"):
+        cluster.join(mid)
+    only_a = (Authorization("a*", frozenset({Role.SENDER, Role.RECEIVER})),)
+    out = cluster.commit(UpdatePolicy(policy(authorize=only_a), cluster.now, seed(7), seed(8)))
+    state = cluster.state
+    assert sorted(m.member_id for m in state.members("demo")) == ["a1", "a2"]
+    outcomes = cluster.deliver(out)
+    # The revoked members read the policy message, then nothing more: not the
+    # new KEK (wrapped past them), not the new TEK (sealed under that KEK).
+    assert outcomes["m1"][0] is Outcome.ACCEPTED
+    assert Outcome.ACCEPTED not in outcomes["m1"][1:]
+    assert outcomes["a1"] == [Outcome.ACCEPTED] * len(out)
+    for mid in ("a1", "a2"):
+        assert cluster.members[mid].kek == state.kek("demo")
+        assert cluster.members[mid].teks == state.gsa("demo", mid, request_id=0, nodes=()).teks
+    assert cluster.members["m1"].kek != state.kek("demo")
+    assert [a.event for a in state.audit() if a.member == "m1"][-1] == "revoke"
+    # Revoked, not banned: a policy that admits it again lets it back in.
+    cluster.commit(UpdatePolicy(policy(), cluster.now, seed(9), seed(10)))
+    cluster.rekey([Join("m1", Role.RECEIVER)])
+    assert state.is_member("demo", "m1")
+
+
+def test_a_policy_update_revoking_more_than_one_batch_is_refused_whole() -> None:
+    cluster = Cluster()
+    cluster.rekey([Join(f"m{i}", Role.RECEIVER) for i in range(MAX_REKEY_BATCH)])
+    cluster.rekey([Join("m-one-more", Role.RECEIVER)])
+    before = cluster.state.policy("demo")
+    only_a = (Authorization("a*", frozenset({Role.RECEIVER})),)
+    data = encode_command(UpdatePolicy(policy(authorize=only_a), cluster.now, seed(7), seed(8)))
+    cluster.index += 1
+    result = cluster.state.apply(cluster.index, data)
+    assert result.rejected is not None
+    assert "narrow it in steps" in result.rejected
+    assert cluster.state.policy("demo") == before
+    assert cluster.state.member_count("demo") == MAX_REKEY_BATCH + 1
+
+
+def test_a_policy_update_logged_before_revocation_existed_revokes_nobody() -> None:
+    # Replaying an old log must give the state it gave then.
+    cluster = Cluster()
+    cluster.join("m1")
+    only_a = policy(authorize=(Authorization("a*", frozenset({Role.RECEIVER})),))
+    old = msgpack.packb([1, 2, only_a.to_mapping(), cluster.now])
+    command = decode_command(old)
+    assert command == UpdatePolicy(only_a, cluster.now)
+    cluster.index += 1
+    result = cluster.state.apply(cluster.index, old)
+    assert result.rejected is None
+    assert result.left == ()
+    assert cluster.state.is_member("demo", "m1")
+
+
 def test_join_proposed_before_a_policy_revoked_it_is_not_applied() -> None:
     # A node authorizes a registration against its own, possibly older, copy of
     # the policy; apply checks again, at the log position where it counts.
