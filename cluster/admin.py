@@ -289,7 +289,7 @@ class AdminServer:
     async def _group_delete(self, args: dict[str, object]) -> object:
         await self._linearizable()  # a lagging node must not refuse by stale state
         group = self._group_arg(args)
-        return await self._propose(encode_command(DeleteGroup(group, self._node.clock_ms())))
+        return await self._propose(encode_command(DeleteGroup(group, self._rekeyer.now_ms())))
 
     async def _propose(self, data: bytes) -> object:
         result = await self._driver.propose(data, self._timeout_s)
@@ -370,7 +370,7 @@ class AdminServer:
         snapshot = args.get("snapshot")
         if not isinstance(snapshot, bytes):
             raise AdminError("bad_request", "snapshot: expected bytes")
-        return await self._propose(encode_command(RestoreState(snapshot, self._node.clock_ms())))
+        return await self._propose(encode_command(RestoreState(snapshot, self._rekeyer.now_ms())))
 
 
 class AdminClient:

@@ -35,7 +35,7 @@ from gcks.cluster.raft.storage import DiskStorage
 from gcks.cluster.raft.types import ConfState
 from gcks.cluster.raft.types import Role as RaftRole
 from gcks.cluster.registrar import Registrar, RegistrarSettings
-from gcks.cluster.rekeyer import Rekeyer, RekeyerSettings, wall_clock_ms
+from gcks.cluster.rekeyer import Rekeyer, RekeyerSettings
 from gcks.cluster.state import ApplyResult, GroupState
 from gcks.proto.messages import NodeEndpoint
 
@@ -77,7 +77,6 @@ class Node:
         self.transport: PeerTransport | None = None
         self.tls: tlsreload.NodeTls | None = None
         self.stopping = False
-        self.clock_ms = wall_clock_ms
         self.probe = ProbeResponder(config.node_id)
 
     def nodes(self) -> tuple[NodeEndpoint, ...]:

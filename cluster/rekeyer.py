@@ -52,6 +52,9 @@ from gcks.proto.policy import GroupPolicy, Role
 log = logging.getLogger(__name__)
 
 
+CLOCK_SKEW_WARN_MS = 1000
+
+
 def wall_clock_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -105,6 +108,7 @@ class Rekeyer:
         self._settings = settings
         self._bootstrap = bootstrap_groups
         self._clock_ms = clock_ms
+        self._skew_warned = -math.inf
         self._batches: dict[str, _Batch] = {}
         # One item per batch opened and not yet flushed, so the open batches
         # (one per active group, plus full ones) bound it: a fixed capacity
@@ -192,6 +196,23 @@ class Rekeyer:
                 waiter.result = result
                 waiter.done.set()
 
+    def now_ms(self) -> int:
+        """This node's clock for a new command, never before the newest command
+        time it applied: when leadership moves to a node whose clock lags, key
+        activation and expiry times must not move backwards. A lag of more than
+        `CLOCK_SKEW_WARN_MS` is logged (at most once a minute): fix NTP."""
+        local, latest = self._clock_ms(), self._driver.state.latest_ms
+        if latest - local > CLOCK_SKEW_WARN_MS:
+            now = time.monotonic()
+            if now - self._skew_warned >= 60.0:
+                self._skew_warned = now
+                log.warning(
+                    "this node's clock is %.1f s behind the newest committed command; "
+                    "using that time instead (check NTP)",
+                    (latest - local) / 1000,
+                )
+        return max(local, latest)
+
     async def force(self, group: str, *, tek: bool = True, kek: bool = False) -> ApplyResult:
         """An administrator's rekey: a new TEK, a refreshed KEK, or both."""
         return await self._propose(
@@ -202,7 +223,7 @@ class Rekeyer:
                 tree_seed=os.urandom(32),
                 tek_key=os.urandom(32) if tek else None,
                 refresh_kek=kek,
-                now_ms=self._clock_ms(),
+                now_ms=self.now_ms(),
                 reason="forced by administrator",
             )
         )
@@ -213,7 +234,7 @@ class Rekeyer:
         return await self._propose(
             UpdatePolicy(
                 policy,
-                self._clock_ms(),
+                self.now_ms(),
                 tree_seed=os.urandom(32),
                 tek_key=os.urandom(32),
             )
@@ -226,7 +247,7 @@ class Rekeyer:
                 signing_seed=os.urandom(32),
                 tree_seed=os.urandom(32),
                 tek_key=os.urandom(32),
-                now_ms=self._clock_ms(),
+                now_ms=self.now_ms(),
             )
         )
 
@@ -286,7 +307,7 @@ class Rekeyer:
                     tree_seed=os.urandom(32),
                     tek_key=os.urandom(32) if new_tek else None,
                     refresh_kek=False,
-                    now_ms=self._clock_ms(),
+                    now_ms=self.now_ms(),
                     reason=reason,
                     requests=tuple(batch.requests),
                 )
@@ -325,7 +346,7 @@ class Rekeyer:
             if not state.has_group(group):
                 continue
             policy = state.policy(group)
-            now = self._clock_ms()
+            now = self.now_ms()
             newest_tek = max((t.expiry_ms for t in state.teks(group)), default=0)
             tek_margin = max(
                 self._settings.min_margin_ms,

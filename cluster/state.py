@@ -229,6 +229,10 @@ class GroupState:
         # under a restored KEK, no AEAD nonce) is ever sealed twice.
         self._retired: dict[str, int] = {}
         self.applied_index = 0
+        # The newest command time applied (a lower bound after a snapshot
+        # restore): proposers never stamp a command earlier (`Rekeyer.now_ms`).
+        # Read by proposers only; apply never depends on it.
+        self.latest_ms = 0
 
     # ------------------------------------------------------------------ reads
 
@@ -327,6 +331,7 @@ class GroupState:
         return self._apply(index, command)
 
     def _apply(self, index: int, command: Command) -> ApplyResult:
+        self.latest_ms = max(self.latest_ms, command.now_ms)
         match command:
             case CreateGroup():
                 return self._create(index, command)
@@ -737,4 +742,5 @@ class GroupState:
                     read_str(detail, "audit.detail", 1024),
                 )
             )
+        state.latest_ms = max((g.kek.activation_ms for g in state._groups.values()), default=0)
         return state

@@ -8,8 +8,10 @@ Trio's MockClock jumps over the batch intervals.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 import trio.testing
 
@@ -351,3 +353,41 @@ async def test_a_node_that_does_not_lead_drops_forwarded_requests_and_malformed_
     cluster.nodes["n1"].rekeyer.deliver("n2", b"\xc1 not msgpack")  # logged, not raised
     await trio.sleep(5)
     assert cluster.proposed == []
+
+
+# ------------------------------------------------------------------ the clock
+
+
+async def test_a_node_whose_clock_lags_stamps_commands_no_earlier_than_the_newest_applied(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Leadership moves to a node whose clock is 30 s behind: key times must
+    # not go back, and the operator is told once.
+    driver = _driver()
+    driver.state.apply(2, encode_command(_join_command("m1")))  # stamped T0
+    lagging = Rekeyer(
+        driver,  # type: ignore[arg-type]
+        RekeyerSettings(check_interval_s=3600.0),
+        clock_ms=lambda: T0 - 30_000,
+    )
+    with caplog.at_level(logging.WARNING, logger="gcks.cluster.rekeyer"):
+        assert lagging.now_ms() == T0
+        assert lagging.now_ms() == T0
+    warnings = [r for r in caplog.records if "behind the newest committed command" in r.message]
+    assert len(warnings) == 1
+    assert "30.0 s" in warnings[0].getMessage()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(lagging.run)
+            await lagging.join("demo", "m2", Role.RECEIVER, None)
+            nursery.cancel_scope.cancel()
+    assert driver.proposed[-1].now_ms == T0
+    ahead = Rekeyer(driver, RekeyerSettings(), clock_ms=lambda: T0 + 5)  # type: ignore[arg-type]
+    assert ahead.now_ms() == T0 + 5
+
+
+def test_the_newest_command_time_survives_a_snapshot_as_a_lower_bound() -> None:
+    driver = _driver()
+    driver.state.apply(2, encode_command(_join_command("m1")))
+    restored = GroupState.restore(driver.state.snapshot())
+    assert 0 < restored.latest_ms <= driver.state.latest_ms == T0
