@@ -310,6 +310,8 @@ class Registrar:
             if not self._waiting[key]:
                 del self._waiting[key]
                 self._answers.pop(key, None)
+        if key in result.full:
+            return error(ErrorCode.GROUP_FULL, "the group has room for no more senders")
         if answer is None:
             return error(ErrorCode.UNAUTHORIZED, "the join was not applied (evicted?)")
         self.stats.registrations += 1

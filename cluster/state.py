@@ -54,6 +54,7 @@ from gcks.proto.codec import packb, unpackb
 from gcks.proto.errors import DecodeError, GcksProtoError
 from gcks.proto.keytree import KeyTree
 from gcks.proto.messages import (
+    MAX_SENDERS,
     MAX_TEKS,
     GsaAnswer,
     KekUpdate,
@@ -150,6 +151,9 @@ class ApplyResult:
     # Tags of the forwarded requests the command carried, applied or not: how
     # the node that forwarded one to the leader learns its outcome.
     requests: tuple[int, ...] = ()
+    # (group, member id) of sender joins refused for want of a sender id or of
+    # room for one more sender key in a GSA: answered GROUP_FULL.
+    full: tuple[tuple[str, str], ...] = ()
 
 
 class _Group:
@@ -476,13 +480,29 @@ class GroupState:
         joined: list[MemberRecord] = []
         rejoined: list[str] = []
         seen: set[str] = set()
+        full: list[str] = []
+        # Sender keys a GSA can still carry (source authentication): every
+        # member's GSA lists them all, and one answer holds MAX_SENDERS.
+        key_slots = MAX_SENDERS
+        if policy.source_auth and any(j.role is Role.SENDER for j in cmd.joins):
+            key_slots -= sum(
+                1 for mid, m in g.members.items() if m.sender_key is not None and mid not in leaving
+            )
         for join in cmd.joins:
             if join.member_id in seen or join.member_id in leaving or join.member_id in g.banned:
                 continue
             if join.role not in policy.roles_for(join.member_id):
                 continue  # authorized by a node's older copy of the policy, revoked since
-            seen.add(join.member_id)
             old = g.members.get(join.member_id)
+            if join.role is Role.SENDER:
+                # A re-registering sender gives its old key's slot back.
+                freed = int(old is not None and old.sender_key is not None)
+                needed = int(join.sender_key is not None)
+                if g.next_sender_id > MAX_SENDER_ID or key_slots + freed - needed < 0:
+                    full.append(join.member_id)  # answered GROUP_FULL, nothing changes
+                    continue
+                key_slots += freed - needed
+            seen.add(join.member_id)
             sender_id = None
             if join.role is Role.SENDER:
                 sender_id = g.next_sender_id
@@ -613,6 +633,7 @@ class GroupState:
             outbound=tuple(outbound),
             joined=tuple((cmd.group, mid) for mid in [*(r.member_id for r in joined), *rejoined]),
             left=tuple((cmd.group, mid, why) for mid, why in leaving.items()),
+            full=tuple((cmd.group, mid) for mid in full),
         )
 
     def _seal(self, g: _Group, body: RekeyBody, *, kek: KeySA | None = None) -> Outbound:

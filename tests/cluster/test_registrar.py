@@ -17,6 +17,7 @@ import trio.testing
 from gcks.cluster import pki, tls
 from gcks.cluster.config import Address
 from gcks.cluster.registrar import Registrar, RegistrarSettings, _MemberLink
+from gcks.cluster.state import ApplyResult
 from gcks.member.tls import member_client_context
 from gcks.proto.codec import encode_frame
 from gcks.proto.identity import Role as CertRole
@@ -150,3 +151,23 @@ async def test_an_answer_past_a_wire_limit_is_a_typed_error_not_a_crash() -> Non
     answer = decode_message(frame[4:])
     assert isinstance(answer, ErrorAnswer)
     assert (answer.request_id, answer.code) == (7, ErrorCode.INTERNAL)
+
+
+async def test_a_sender_join_refused_for_room_is_answered_group_full() -> None:
+    cluster = Cluster()
+
+    class _Driver:
+        state = cluster.state
+
+    class _FullRekeyer:
+        async def join(self, group: str, member_id: str, *_: object) -> ApplyResult:
+            await trio.lowlevel.checkpoint()
+            return ApplyResult(full=((group, member_id),))
+
+    registrar = Registrar(_Driver(), _FullRekeyer(), (), None, RegistrarSettings())  # type: ignore[arg-type]
+    link = _MemberLink("s9", 4)
+    request = RegisterRequest("demo", Role.SENDER, last_msg_id=0, request_id=3)
+    answer = await registrar._register(link, request)
+    assert isinstance(answer, ErrorAnswer)
+    assert (answer.request_id, answer.code) == (3, ErrorCode.GROUP_FULL)
+    assert registrar.stats.registration_errors == 1

@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gcks.cluster.state as state_module
 from gcks.cluster.commands import (
     MAX_REKEY_BATCH,
     CreateGroup,
@@ -631,3 +632,43 @@ def test_join_proposed_before_a_policy_revoked_it_is_not_applied() -> None:
     out = cluster.rekey([Join("m2", Role.RECEIVER)])
     assert out == []
     assert not cluster.state.is_member("demo", "m2")
+
+
+def test_sender_joins_past_what_a_gsa_can_list_are_refused_as_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Under source authentication every GSA lists every sender key, and one
+    # answer holds MAX_SENDERS (65,536): the next sender is refused, not every
+    # later registration (the GSA could not be encoded any more).
+    monkeypatch.setattr(state_module, "MAX_SENDERS", 3)
+    cluster = Cluster(source_auth=True)
+
+    def sender(mid: str) -> Join:
+        return Join(mid, Role.SENDER, mid.encode().ljust(32, b"k"))
+
+    cluster.rekey([sender("s1"), sender("s2")])
+    cluster.index += 1
+    now = cluster.now + 1000
+    command = Rekey(
+        "demo",
+        (sender("s3"), sender("s4"), Join("r1", Role.RECEIVER)),
+        (),
+        seed(11),
+        None,
+        False,
+        now,
+        "t",
+    )
+    data = encode_command(command)
+    result, *others = [node.apply(cluster.index, data) for node in cluster.nodes]
+    assert all(other == result for other in others)
+    assert result.full == (("demo", "s4"),)
+    assert sorted(mid for _, mid in result.joined) == ["r1", "s3"]
+    # A sender registering again frees its old key's slot for its new one.
+    cluster.rekey([sender("s1")])
+    assert cluster.state.is_member("demo", "s1")
+    cluster.rekey(leaves=[Leave("s2", LeaveReason.DEREGISTER)])
+    cluster.rekey([sender("s4")])
+    assert cluster.state.is_member("demo", "s4")
+    keys = cluster.state.gsa("demo", "s4", request_id=0, nodes=()).sender_verify_keys
+    assert len(keys) == 3
