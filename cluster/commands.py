@@ -68,12 +68,17 @@ class Join:
     member_id: str
     role: Role
     sender_key: bytes | None = None  # Ed25519 public key, senders under source auth
+    # The forwarded request that asked for it (0: asked at the proposing node).
+    # Apply skips a tag it has applied before: a request sent again to a new
+    # leader may commit twice, and a second join would move a sender's id.
+    tag: int = 0
 
 
 @dataclass(frozen=True, slots=True)
 class Leave:
     member_id: str
     reason: LeaveReason
+    tag: int = 0  # as `Join.tag`
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,10 +113,7 @@ class DeleteGroup:
 class Rekey:
     """One coalesced key change of a group: a batch of joins and leaves, a
     fresh TEK, a refreshed KEK, or any mix. `tree_seed` derives every new LKH
-    key of the batch; `tek_key` (None: keep the TEKs) seeds the new TEK.
-    `requests` are the tags of the requests other nodes forwarded into the
-    batch: apply ignores them and reports them, so each of those nodes knows
-    exactly which entry answers its request (`gcks.cluster.membership`)."""
+    key of the batch; `tek_key` (None: keep the TEKs) seeds the new TEK."""
 
     group: str
     joins: tuple[Join, ...]
@@ -121,7 +123,6 @@ class Rekey:
     refresh_kek: bool
     now_ms: int
     reason: str
-    requests: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -172,7 +173,6 @@ def encode_command(command: Command) -> bytes:
                 command.refresh_kek,
                 command.now_ms,
                 command.reason,
-                list(command.requests),
             ]
     data = packb([COMMAND_VERSION, *(int(f) if isinstance(f, CommandType) else f for f in fields)])
     decode_command(data)  # refuse to log what no node could apply
@@ -221,10 +221,8 @@ def decode_command(data: bytes) -> Command:
             snapshot=read_bytes(snapshot, "RestoreState.snapshot", MAX_SNAPSHOT),
             now_ms=read_int(now_ms, "RestoreState.now_ms", 0, MAX_TIME_MS),
         )
-    if len(body) == 8:
-        body = (*body, [])  # written before request tags existed: none
-    group, joins, leaves, tree_seed, tek_key, refresh_kek, now_ms, reason, requests = read_record(
-        body, "Rekey", 9
+    group, joins, leaves, tree_seed, tek_key, refresh_kek, now_ms, reason = read_record(
+        body, "Rekey", 8
     )
     return Rekey(
         group=read_str(group, "Rekey.group", 64, GROUP_ID_PATTERN),
@@ -241,10 +239,6 @@ def decode_command(data: bytes) -> Command:
         refresh_kek=read_bool(refresh_kek, "Rekey.refresh_kek"),
         now_ms=read_int(now_ms, "Rekey.now_ms", 0, MAX_TIME_MS),
         reason=read_str(reason, "Rekey.reason", MAX_REASON),
-        requests=tuple(
-            read_request_tag(item, f"Rekey.requests[{i}]")
-            for i, item in enumerate(read_list(requests, "Rekey.requests", MAX_BATCH))
-        ),
     )
 
 
@@ -256,21 +250,23 @@ def _read_policy(value: object, name: str) -> GroupPolicy:
 
 
 def join_fields(join: Join) -> list[object]:
-    return [join.member_id, join.role.value, join.sender_key]
+    return [join.member_id, join.role.value, join.sender_key, join.tag]
 
 
 def leave_fields(leave: Leave) -> list[object]:
-    return [leave.member_id, leave.reason.value]
+    return [leave.member_id, leave.reason.value, leave.tag]
 
 
 def read_join(value: object, name: str) -> Join:
-    member_id, role, sender_key = read_record(value, name, 3)
+    fields = read_list(value, name, 4, min_items=3)  # 3: logged before request tags
+    member_id, role, sender_key, tag = (*fields, 0) if len(fields) == 3 else fields
     return Join(
         member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),
         role=read_enum(role, f"{name}.role", Role),
         sender_key=read_optional(
             sender_key, f"{name}.sender_key", read_bytes, ED25519_KEY_SIZE, ED25519_KEY_SIZE
         ),
+        tag=read_int(tag, f"{name}.tag", 0, MAX_REQUEST_TAG),
     )
 
 
@@ -279,8 +275,10 @@ def read_request_tag(value: object, name: str) -> int:
 
 
 def read_leave(value: object, name: str) -> Leave:
-    member_id, reason = read_record(value, name, 2)
+    fields = read_list(value, name, 3, min_items=2)  # 2: logged before request tags
+    member_id, reason, tag = (*fields, 0) if len(fields) == 2 else fields
     return Leave(
         member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),
         reason=read_enum(reason, f"{name}.reason", LeaveReason),
+        tag=read_int(tag, f"{name}.tag", 0, MAX_REQUEST_TAG),
     )

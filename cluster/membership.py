@@ -4,11 +4,13 @@ Joins and leaves are coalesced into one `Rekey` per group and batch interval,
 and the batch has to be the leader's: if every node batched the registrations
 it serves, three nodes would send three rekeys per interval where the policy
 promises one (and members would open, verify and apply each). So a follower
-forwards each request over the peer link with a random tag, the leader adds it
-to its batch and the tag to the command's `requests`, and the follower answers
-when its own apply reaches the entry that reports the tag (`ApplyResult.requests`).
-A tag, not the member id: a follower catching up may first apply an older
-entry that names the same member, and that entry is not the answer.
+forwards each request over the peer link with a random tag, carried by its
+join or leave into the leader's batch and the `Rekey` command, and the
+follower answers when its own apply reaches the entry that reports the tag
+(`ApplyResult.requests`). A tag, not the member id: a follower catching up
+may first apply an older entry that names the same member, and that entry is
+not the answer. Apply skips a tag it has already applied, so the follower
+may send a request again (a new leader, a lost copy) without a second join.
 
 Wire format: a msgpack array `[VERSION, tag, group, joins, leaves]`, joins and
 leaves shaped as in `Rekey`. Peers are authenticated nodes, but a newer or

@@ -139,7 +139,7 @@ class Node:
             entries=recovered.entries,
             snapshot=recovered.snapshot,
         )
-        node_tls = self.tls = tlsreload.NodeTls(cfg.tls, cfg.node_id)
+        node_tls = self.tls = tlsreload.NodeTls(cfg.tls, cfg.node_id, scratch=cfg.data_dir)
         transport = PeerTransport(
             cfg.node_id,
             cfg.peer_listen,

@@ -27,6 +27,7 @@ import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -53,6 +54,7 @@ log = logging.getLogger(__name__)
 
 
 CLOCK_SKEW_WARN_MS = 1000
+CLOCK_CLAMP_MS = 10_000
 
 
 def wall_clock_ms() -> int:
@@ -64,20 +66,20 @@ class RekeyerSettings:
     request_timeout_s: float = 10.0  # how long a registration may wait for its commit
     check_interval_s: float = 1.0  # how often the leader checks key lifetimes
     min_margin_ms: int = 5_000  # rekey at least this long before a key expires
+    resend_s: float = 2.0  # a forwarded request not answered by then is sent again
 
 
 @dataclass
 class _Batch:
     joins: dict[str, Join] = field(default_factory=dict)
     leaves: dict[str, Leave] = field(default_factory=dict)
-    requests: list[int] = field(default_factory=list)  # tags of forwarded requests
     done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
     error: BaseException | None = None
 
     @property
     def full(self) -> bool:
-        return max(len(self.joins) + len(self.leaves), len(self.requests)) >= MAX_REKEY_BATCH
+        return len(self.joins) + len(self.leaves) >= MAX_REKEY_BATCH
 
 
 @dataclass
@@ -125,12 +127,14 @@ class Rekeyer:
     ) -> ApplyResult:
         """Add `member_id` to the group's next batch and wait until the entry
         that carries it is applied here; that entry's result."""
-        join = Join(member_id, role, sender_key)
-        return await self._request(MembershipRequest(_new_tag(), group, joins=(join,)))
+        tag = _new_tag()
+        join = Join(member_id, role, sender_key, tag=tag)
+        return await self._request(MembershipRequest(tag, group, joins=(join,)))
 
     async def leave(self, group: str, member_id: str, reason: LeaveReason) -> ApplyResult:
-        leave = Leave(member_id, reason)
-        return await self._request(MembershipRequest(_new_tag(), group, leaves=(leave,)))
+        tag = _new_tag()
+        leave = Leave(member_id, reason, tag=tag)
+        return await self._request(MembershipRequest(tag, group, leaves=(leave,)))
 
     async def _request(self, request: MembershipRequest) -> ApplyResult:
         status = self._driver.status
@@ -141,18 +145,18 @@ class Rekeyer:
             return await self._wait(batch)
         return await self._forward_to_leader(request)
 
-    def _add(self, request: MembershipRequest, *, forwarded: bool = False) -> _Batch:
+    def _add(self, request: MembershipRequest) -> _Batch:
         batch: _Batch | None = None
         for join in request.joins:
             batch = self._batch(request.group)
             batch.joins[join.member_id] = join
         for leave in request.leaves:
             batch = self._batch(request.group)
-            batch.leaves[leave.member_id] = leave
+            earlier = batch.leaves.get(leave.member_id)
+            if earlier is None or earlier.reason is not LeaveReason.EVICT:
+                batch.leaves[leave.member_id] = leave  # an eviction (and its ban) wins
         if batch is None:
             raise ValueError("a membership request needs a join or a leave")
-        if forwarded:
-            batch.requests.append(request.tag)
         return batch
 
     async def _forward_to_leader(self, request: MembershipRequest) -> ApplyResult:
@@ -165,12 +169,19 @@ class Rekeyer:
                 if status.role is RaftRole.LEADER:
                     # Leadership came here meanwhile: our own batch, still
                     # answered by the tag (the batch's waiters are others).
-                    self._add(request, forwarded=True)
+                    self._add(request)
                 elif status.leader is not None:
-                    # Lost with a leader that fails before proposing it: sent
-                    # again to the next one (a second copy is a re-registration).
+                    # Sent again to each new leader, and after a while to the
+                    # same one: a copy can be lost (a full peer queue, a leader
+                    # that fails before proposing it, an answer that arrived
+                    # inside a snapshot). Apply skips a tag it has seen, so a
+                    # second copy that commits changes nothing.
                     self._forward(status.leader, data)
-                await _first_of(waiter.done.wait, self._driver.wait_status_change)
+                await _first_of(
+                    waiter.done.wait,
+                    self._driver.wait_status_change,
+                    partial(trio.sleep, self._settings.resend_s),
+                )
         finally:
             del self._forwarded[request.tag]
         assert waiter.result is not None
@@ -186,7 +197,7 @@ class Rekeyer:
         if self._driver.status.role is not RaftRole.LEADER:
             return  # the sender forwards it again once it learns who leads now
         if request.joins or request.leaves:
-            self._add(request, forwarded=True)
+            self._add(request)
 
     def on_apply(self, result: ApplyResult) -> None:
         """Called for every applied entry: answers the forwarded requests it carried."""
@@ -197,21 +208,25 @@ class Rekeyer:
                 waiter.done.set()
 
     def now_ms(self) -> int:
-        """This node's clock for a new command, never before the newest command
-        time it applied: when leadership moves to a node whose clock lags, key
-        activation and expiry times must not move backwards. A lag of more than
+        """This node's clock for a new command, not before the newest command time
+        it applied when that is at most `CLOCK_CLAMP_MS` ahead: when leadership
+        moves to a node whose clock lags a little, key times must not move
+        backwards. Not further: one node whose clock runs ahead would otherwise
+        freeze every proposer's time at its own. A lag of more than
         `CLOCK_SKEW_WARN_MS` is logged (at most once a minute): fix NTP."""
         local, latest = self._clock_ms(), self._driver.state.latest_ms
-        if latest - local > CLOCK_SKEW_WARN_MS:
+        lag = latest - local
+        if lag > CLOCK_SKEW_WARN_MS:
             now = time.monotonic()
             if now - self._skew_warned >= 60.0:
                 self._skew_warned = now
                 log.warning(
-                    "this node's clock is %.1f s behind the newest committed command; "
-                    "using that time instead (check NTP)",
-                    (latest - local) / 1000,
+                    "this node's clock is %.1f s behind the newest committed command; %s "
+                    "(check NTP on every node)",
+                    lag / 1000,
+                    "using that time" if lag <= CLOCK_CLAMP_MS else "too far to follow",
                 )
-        return max(local, latest)
+        return latest if 0 < lag <= CLOCK_CLAMP_MS else local
 
     async def force(self, group: str, *, tek: bool = True, kek: bool = False) -> ApplyResult:
         """An administrator's rekey: a new TEK, a refreshed KEK, or both."""
@@ -309,7 +324,6 @@ class Rekeyer:
                     refresh_kek=False,
                     now_ms=self.now_ms(),
                     reason=reason,
-                    requests=tuple(batch.requests),
                 )
             )
         except Exception as exc:  # handed to every waiter of the batch, not swallowed

@@ -83,7 +83,7 @@ SNAPSHOT_FORMAT: Final = 2  # 2 added the retired message ids; 1 still restores
 AUDIT_LIMIT: Final = 10_000  # audit records kept in the replicated state (all are logged)
 # A proposal re-sent after a leader change may commit twice; the second copy is
 # recognised by its digest (every command carries fresh random seeds) and skipped.
-DEDUPE_LIMIT: Final = 4096
+DEDUPE_LIMIT: Final = 16_384  # command digests and request tags remembered
 MAX_SENDER_ID: Final = 0xFFFF_FFFF
 
 
@@ -92,6 +92,11 @@ _LEAVE_EVENT: Final = {
     LeaveReason.EVICT: "evict",
     LeaveReason.REVOKE: "revoke",
 }
+
+
+def _tag_key(tag: int) -> bytes:
+    """The key under which apply remembers a request tag, beside command digests."""
+    return b"gcks-request-tag" + tag.to_bytes(16, "big")
 
 
 def _tek_key(secret: bytes, index: int) -> bytes:
@@ -323,9 +328,7 @@ class GroupState:
         digest = hashlib.sha256(data).digest()
         if digest in self._seen:
             return ApplyResult(rejected="duplicate of an applied proposal")
-        self._seen[digest] = None
-        if len(self._seen) > DEDUPE_LIMIT:
-            del self._seen[next(iter(self._seen))]
+        self._remember(digest)
         try:
             command = decode_command(data)
         except DecodeError as exc:
@@ -456,9 +459,20 @@ class GroupState:
         self._record(index, cmd.now_ms, cmd.group, "delete", None, cmd.reason)
         return ApplyResult(outbound=(dataclasses.replace(final, terminate=True),))
 
+    def _remember(self, key: bytes) -> None:
+        self._seen[key] = None
+        while len(self._seen) > DEDUPE_LIMIT:
+            del self._seen[next(iter(self._seen))]
+
     def _rekey(self, index: int, cmd: Rekey) -> ApplyResult:
+        tags = tuple(t for t in (*(j.tag for j in cmd.joins), *(x.tag for x in cmd.leaves)) if t)
         result = self._rekey_settle(index, cmd)
-        return dataclasses.replace(result, requests=cmd.requests) if cmd.requests else result
+        if not tags:
+            return result
+        if result.rejected is None:
+            for tag in tags:
+                self._remember(_tag_key(tag))
+        return dataclasses.replace(result, requests=tags)
 
     def _rekey_settle(self, index: int, cmd: Rekey) -> ApplyResult:
         g = self._groups.get(cmd.group)
@@ -470,9 +484,19 @@ class GroupState:
             return ApplyResult(rejected=f"membership batch larger than {MAX_REKEY_BATCH}")
         now, policy = cmd.now_ms, g.policy
 
+        # A request sent again to a new leader may commit twice: the second
+        # copy changes nothing (a sender would otherwise get a new id after
+        # its answer went out), and is reported as a re-registration.
+        def fresh(tag: int) -> bool:
+            return not tag or _tag_key(tag) not in self._seen
+
+        repeated = [j.member_id for j in cmd.joins if not fresh(j.tag)]
+        joins = [j for j in cmd.joins if fresh(j.tag)]
+        leaves = [x for x in cmd.leaves if fresh(x.tag)]
+
         # Settle the batch against the current membership, deterministically.
         leaving: dict[str, LeaveReason] = {}
-        for leave in cmd.leaves:
+        for leave in leaves:
             if leave.member_id in g.members and leave.member_id not in leaving:
                 leaving[leave.member_id] = leave.reason
         tree_joins: list[str] = []
@@ -484,11 +508,11 @@ class GroupState:
         # Sender keys a GSA can still carry (source authentication): every
         # member's GSA lists them all, and one answer holds MAX_SENDERS.
         key_slots = MAX_SENDERS
-        if policy.source_auth and any(j.role is Role.SENDER for j in cmd.joins):
+        if policy.source_auth and any(j.role is Role.SENDER for j in joins):
             key_slots -= sum(
                 1 for mid, m in g.members.items() if m.sender_key is not None and mid not in leaving
             )
-        for join in cmd.joins:
+        for join in joins:
             if join.member_id in seen or join.member_id in leaving or join.member_id in g.banned:
                 continue
             if join.role not in policy.roles_for(join.member_id):
@@ -631,7 +655,14 @@ class GroupState:
             )
         return ApplyResult(
             outbound=tuple(outbound),
-            joined=tuple((cmd.group, mid) for mid in [*(r.member_id for r in joined), *rejoined]),
+            joined=tuple(
+                (cmd.group, mid)
+                for mid in [
+                    *(r.member_id for r in joined),
+                    *rejoined,
+                    *(m for m in repeated if m in g.members and m not in seen),
+                ]
+            ),
             left=tuple((cmd.group, mid, why) for mid, why in leaving.items()),
             full=tuple((cmd.group, mid) for mid in full),
         )

@@ -11,7 +11,11 @@ present the new certificate, open ones keep theirs.
 A new certificate must pass what the node checks at start (readable, its key
 matching, role node and this node's id) and more: issued by a CA in the
 configured cluster CA file, and inside its validity period. Otherwise the node
-keeps the old one and says why (an error line, `gcks_tls_reload_failures_total`).
+keeps the old one and says why (an error line, `gcks_tls_reload_failures_total`);
+refused files are tried again when they change, except a certificate that is
+not valid yet, which is tried at every check. A reload reads each file once
+into a private copy and checks and loads that copy, so a file rewritten
+meanwhile cannot leave a context holding a key that fits no certificate.
 Changed CA files are added to what the contexts trust (a CA rollover needs the
 old and the new for a while); a CA stays trusted until the node restarts.
 
@@ -24,7 +28,7 @@ import datetime as dt
 import logging
 import os
 import signal
-import ssl
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Final
@@ -52,9 +56,13 @@ class NodeTls:
         files: TlsConfig,
         node_id: str,
         *,
+        scratch: Path,
         now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
     ) -> None:
+        """`scratch`: a private writable directory (the node's data directory)
+        for the moment a reload copies the files it checks and loads."""
         self._files = files
+        self._scratch = scratch
         self._identity = Identity(Role.NODE, node_id)
         self._now = now
         ca, cert, key = files.cluster_ca, files.cert, files.key
@@ -76,11 +84,19 @@ class NodeTls:
     def reload(self) -> None:
         """Load the current files into every context. Raises `TlsSetupError`
         and changes nothing when the new certificate cannot be used."""
-        files, stamps = self._files, self._stat()
-        # Refused files are not retried until they change again (or SIGHUP).
+        stamps = self._stat()
+        # Refused files are not retried until they change again (or SIGHUP),
+        # except a certificate that is not valid yet: this clock may lag.
         self._stamps = stamps
-        certificate = self._check(files)
-        try:
+        with tempfile.TemporaryDirectory(prefix=".tls-reload-", dir=self._scratch) as tmp:
+            # Checked and loaded from one private copy, so a file rewritten
+            # meanwhile cannot leave a context with a key that fits no certificate.
+            files = _copy(self._files, Path(tmp))
+            try:
+                certificate = self._check(files)
+            except _NotYetValid:
+                self._stamps = ()
+                raise
             for context in (self.peer_server, self.peer_client, self.admin_server):
                 context.load_verify_locations(cafile=str(files.cluster_ca))
             self.member_server.load_verify_locations(cafile=str(files.member_ca))
@@ -91,11 +107,6 @@ class NodeTls:
                 self.member_server,
             ):
                 context.load_cert_chain(str(files.cert), str(files.key), password=b"")
-        except (OSError, ssl.SSLError) as exc:
-            # Rewritten between the check and the load: some contexts may hold
-            # the new pair, some the old (both valid). Load again next check.
-            self._stamps = ()
-            raise tls.TlsSetupError("cert", f"files changed while loading: {exc}") from None
         self.expiry = certificate.not_valid_after_utc
         self.reloads += 1
 
@@ -107,18 +118,22 @@ class NodeTls:
         identity = tls.certificate_identity(files.cert)
         if identity != self._identity:
             raise tls.TlsSetupError(
-                "cert", f"{files.cert} is the certificate of {identity}, not of {self._identity}"
+                "cert", f"the new certificate is of {identity}, not of {self._identity}"
             )
         certificate = _read_certificate(files.cert)
         now = self._now()
-        if not certificate.not_valid_before_utc <= now < certificate.not_valid_after_utc:
-            raise tls.TlsSetupError(
-                "cert",
-                f"{files.cert} is valid from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} "
-                f"to {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now",
-            )
+        window = (
+            f"valid from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} "
+            f"to {certificate.not_valid_after_utc:%Y-%m-%d %H:%M} UTC, not now"
+        )
+        if now < certificate.not_valid_before_utc:
+            raise _NotYetValid("cert", f"the new certificate is {window} (retried)")
+        if now >= certificate.not_valid_after_utc:
+            raise tls.TlsSetupError("cert", f"the new certificate is {window}")
         if not _issued_by_one_of(certificate, files.cluster_ca):
-            raise tls.TlsSetupError("cert", f"{files.cert} is not issued by a CA in cluster_ca")
+            raise tls.TlsSetupError(
+                "cert", "the new certificate is not issued by a CA in cluster_ca"
+            )
         return certificate
 
     def _stat(self) -> tuple[_Stamp, ...]:
@@ -157,6 +172,31 @@ async def watch(
                     "TLS files reloaded; the certificate now presented expires %s UTC",
                     f"{node_tls.expiry:%Y-%m-%d %H:%M}",
                 )
+
+
+class _NotYetValid(tls.TlsSetupError):
+    """The new certificate's validity starts later (or this clock lags)."""
+
+
+def _copy(files: TlsConfig, directory: Path) -> TlsConfig:
+    """The four files copied into `directory` (0600), read once each."""
+    copies = []
+    for name, source in (
+        ("cluster_ca", files.cluster_ca),
+        ("member_ca", files.member_ca),
+        ("cert", files.cert),
+        ("key", files.key),
+    ):
+        target = directory / name
+        try:
+            data = source.read_bytes()
+        except OSError as exc:
+            raise tls.TlsSetupError(name, f"cannot read {source}: {exc.strerror or exc}") from None
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        copies.append(target)
+    return TlsConfig(*copies)
 
 
 def _stamp(path: Path) -> _Stamp:

@@ -8,7 +8,6 @@ secrecy, forward access control, termination, no forged rekeys.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from collections.abc import Iterable
 
@@ -32,7 +31,7 @@ from gcks.cluster.commands import (
     decode_command,
     encode_command,
 )
-from gcks.cluster.state import DEDUPE_LIMIT, GroupState, Outbound, StateError
+from gcks.cluster.state import DEDUPE_LIMIT, ApplyResult, GroupState, Outbound, StateError
 from gcks.member.group import GroupKeys, Outcome
 from gcks.proto.errors import BadSignature, DecryptError, KeyExpired, ProtocolError, UnknownSPI
 from gcks.proto.messages import MAX_TEKS, RekeyBody, decode_message
@@ -133,18 +132,31 @@ class Cluster:
 def test_command_encoding_round_trips() -> None:
     command = Rekey(
         group="demo",
-        joins=(Join("m1", Role.SENDER, b"k" * 32), Join("m2", Role.RECEIVER)),
-        leaves=(Leave("m3", LeaveReason.EVICT),),
+        joins=(Join("m1", Role.SENDER, b"k" * 32, tag=5), Join("m2", Role.RECEIVER)),
+        leaves=(Leave("m3", LeaveReason.EVICT, tag=2**63 - 1),),
         tree_seed=b"S" * 32,
         tek_key=b"T" * 32,
         refresh_kek=True,
         now_ms=T0,
         reason="r",
-        requests=(5, 2**63 - 1),
     )
     assert decode_command(encode_command(command)) == command
     assert "SSSS" not in repr(command)
     assert "TTTT" not in repr(command)
+
+
+def _apply_everywhere(cluster: Cluster, command: object) -> ApplyResult:
+    """Apply `command` on every node of `cluster`; the (identical) result."""
+    data = encode_command(command)  # type: ignore[arg-type]
+    cluster.index += 1
+    result, *others = [node.apply(cluster.index, data) for node in cluster.nodes]
+    assert all(other == result for other in others)
+    return result
+
+
+def _tagged_rekey(cluster: Cluster, joins: tuple[Join, ...], group: str = "demo") -> Rekey:
+    cluster.now += 1000
+    return Rekey(group, joins, (), os.urandom(32), None, False, cluster.now, "test")
 
 
 def test_a_result_reports_the_request_tags_of_its_command_applied_or_not() -> None:
@@ -153,38 +165,64 @@ def test_a_result_reports_the_request_tags_of_its_command_applied_or_not() -> No
     cluster = Cluster()
     cluster.join("m1")
     cluster.rekey(leaves=[Leave("m1", LeaveReason.EVICT)])
-    cluster.now += 1000
-    command = Rekey(
-        "demo",
-        (Join("m1", Role.RECEIVER), Join("m2", Role.RECEIVER)),
-        (),
-        os.urandom(32),
-        None,
-        False,
-        cluster.now,
-        "test",
-        requests=(11, 22),
-    )
-    cluster.index += 1
-    result = cluster.state.apply(cluster.index, encode_command(command))
+    joins = (Join("m1", Role.RECEIVER, tag=11), Join("m2", Role.RECEIVER, tag=22))
+    result = _apply_everywhere(cluster, _tagged_rekey(cluster, joins))
     assert result.joined == (("demo", "m2"),)
     assert result.requests == (11, 22)
-    unknown = dataclasses.replace(command, group="other", requests=(33,))
-    cluster.index += 1
-    result = cluster.state.apply(cluster.index, encode_command(unknown))
+    result = _apply_everywhere(cluster, _tagged_rekey(cluster, joins[:1], group="other"))
     assert result.rejected is not None
-    assert result.requests == (33,)
+    assert result.requests == (11,)
+
+
+def test_a_request_that_commits_twice_changes_nothing_the_second_time() -> None:
+    # A follower sends a request again to a new leader when it has not seen
+    # it applied; both copies may commit. A sender's second join would move
+    # its sender id after its answer went out.
+    cluster = Cluster()
+    first = _apply_everywhere(
+        cluster, _tagged_rekey(cluster, (Join("s1", Role.SENDER, tag=7), Join("m1", Role.RECEIVER)))
+    )
+    assert first.requests == (7,)
+    record = next(m for m in cluster.state.members("demo") if m.member_id == "s1")
+    msg_id = cluster.state.msg_id("demo")
+    again = _apply_everywhere(cluster, _tagged_rekey(cluster, (Join("s1", Role.SENDER, tag=7),)))
+    assert again.requests == (7,)
+    assert again.joined == (("demo", "s1"),), "answered like a re-registration"
+    assert again.outbound == ()
+    assert cluster.state.msg_id("demo") == msg_id
+    assert next(m for m in cluster.state.members("demo") if m.member_id == "s1") == record
+    # The memory of applied tags survives a snapshot, as every node must agree.
+    restored = GroupState.restore(cluster.state.snapshot())
+    restored.applied_index = cluster.index
+    assert (
+        restored.apply(
+            cluster.index + 1,
+            encode_command(_tagged_rekey(cluster, (Join("s1", Role.SENDER, tag=7),))),
+        ).outbound
+        == ()
+    )
 
 
 def test_a_rekey_logged_before_request_tags_existed_still_decodes() -> None:
-    # Entries of 8 fields are in the logs of nodes that ran the previous version.
+    # Joins of 3 fields and leaves of 2 are in logs of the previous version.
     old = msgpack.packb(
-        [1, 4, "demo", [["m1", "receiver", None]], [], b"S" * 32, None, False, T0, "r"]
+        [
+            1,
+            4,
+            "demo",
+            [["m1", "receiver", None]],
+            [["m2", "evict"]],
+            b"S" * 32,
+            None,
+            False,
+            T0,
+            "r",
+        ]
     )
     command = decode_command(old)
     assert isinstance(command, Rekey)
-    assert command.requests == ()
     assert command.joins == (Join("m1", Role.RECEIVER),)
+    assert command.leaves == (Leave("m2", LeaveReason.EVICT),)
 
 
 def test_nodes_applying_the_same_log_seal_byte_identical_rekeys() -> None:

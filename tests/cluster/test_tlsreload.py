@@ -84,7 +84,7 @@ def _der(issued: pki.IssuedCertificate) -> bytes:
 
 
 async def test_a_renewed_certificate_is_presented_after_a_reload(certs: _Pki) -> None:
-    node_tls = NodeTls(certs.files, "n1")
+    node_tls = NodeTls(certs.files, "n1", scratch=certs.root)
     assert await _presented(node_tls, certs) == _der(certs.layout.nodes["n1"])
     assert not node_tls.changed()
     renewed = certs.renewed("renewed", days=400)
@@ -100,11 +100,11 @@ async def test_a_renewed_certificate_is_presented_after_a_reload(certs: _Pki) ->
 async def test_an_unusable_certificate_is_refused_and_the_old_one_stays(
     certs: _Pki, case: str
 ) -> None:
-    node_tls = NodeTls(certs.files, "n1")
+    node_tls = NodeTls(certs.files, "n1", scratch=certs.root)
     original = _der(certs.layout.nodes["n1"])
     if case == "other node":
         certs.install(certs.layout.nodes["n2"])
-        reason = "certificate of node:n2, not of node:n1"
+        reason = "of node:n2, not of node:n1"
     elif case == "expired":
         long_ago = dt.datetime(2020, 1, 1, tzinfo=dt.UTC)
         certs.install(certs.renewed("old", days=1, now=long_ago))
@@ -127,10 +127,31 @@ async def test_an_unusable_certificate_is_refused_and_the_old_one_stays(
     assert not node_tls.changed(), "refused files are not retried until they change again"
 
 
+async def test_a_certificate_not_valid_yet_is_refused_and_tried_again_at_each_check(
+    certs: _Pki,
+) -> None:
+    node_tls = NodeTls(certs.files, "n1", scratch=certs.root)
+    tomorrow = dt.datetime.now(dt.UTC) + dt.timedelta(days=1)
+    early = certs.renewed("early", now=tomorrow)
+    certs.install(early)
+    with pytest.raises(TlsSetupError, match="retried"):
+        node_tls.reload()
+    assert node_tls.changed(), "tried again at the next check, not only when the files change"
+    later = NodeTls(
+        certs.files,
+        "n1",
+        scratch=certs.root,
+        now=lambda: tomorrow + dt.timedelta(minutes=1),
+    )
+    later.reload()  # (a member's clock would refuse it until tomorrow, as it should)
+    assert later.expiry == early.certificate.not_valid_after_utc
+    assert not list(certs.root.glob(".tls-reload-*")), "the private copies are gone"
+
+
 async def test_the_watcher_reloads_changed_files_and_on_sighup(
     certs: _Pki, autojump_clock: trio.testing.MockClock
 ) -> None:
-    node_tls = NodeTls(certs.files, "n1")
+    node_tls = NodeTls(certs.files, "n1", scratch=certs.root)
     with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             await nursery.start(watch, node_tls, 30.0)
@@ -150,6 +171,6 @@ async def test_the_watcher_reloads_changed_files_and_on_sighup(
 
 
 def test_expiry_is_the_presented_certificates(certs: _Pki) -> None:
-    node_tls = NodeTls(certs.files, "n1")
+    node_tls = NodeTls(certs.files, "n1", scratch=certs.root)
     loaded = x509.load_pem_x509_certificate(certs.files.cert.read_bytes())
     assert node_tls.expiry == loaded.not_valid_after_utc
