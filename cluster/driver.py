@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -142,7 +142,7 @@ class RaftDriver:
                     leader = self.status.leader
                     await self._inbox_send.send(run)
                     while not waiter.event.is_set() and self.status.leader == leader:
-                        await _first_of(waiter.event, self._status_changed)
+                        await first_of(waiter.event.wait, self._status_changed.wait)
         finally:
             if self._waiters.get(key) is waiter:
                 del self._waiters[key]
@@ -343,13 +343,13 @@ class RaftDriver:
         log.info("snapshot at index %d (%d bytes)", applied, len(snapshot.data))
 
 
-async def _first_of(*events: trio.Event) -> None:
-    """Return as soon as any of `events` is set."""
+async def first_of(*waits: Callable[[], Awaitable[object]]) -> None:
+    """Return as soon as any of `waits` returns (the others are cancelled)."""
     async with trio.open_nursery() as nursery:
-        for event in events:
+        for wait in waits:
 
-            async def wait(event: trio.Event = event) -> None:
-                await event.wait()
+            async def run(wait: Callable[[], Awaitable[object]] = wait) -> None:
+                await wait()
                 nursery.cancel_scope.cancel()
 
-            nursery.start_soon(wait)
+            nursery.start_soon(run)

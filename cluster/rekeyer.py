@@ -25,7 +25,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -43,7 +43,7 @@ from gcks.cluster.commands import (
     UpdatePolicy,
     encode_command,
 )
-from gcks.cluster.driver import RaftDriver
+from gcks.cluster.driver import RaftDriver, first_of
 from gcks.cluster.membership import MembershipRequest, decode_request, encode_request
 from gcks.cluster.raft.types import Role as RaftRole
 from gcks.cluster.state import ApplyResult
@@ -177,7 +177,7 @@ class Rekeyer:
                     # inside a snapshot). Apply skips a tag it has seen, so a
                     # second copy that commits changes nothing.
                     self._forward(status.leader, data)
-                await _first_of(
+                await first_of(
                     waiter.done.wait,
                     self._driver.wait_status_change,
                     partial(trio.sleep, self._settings.resend_s),
@@ -388,15 +388,3 @@ class Rekeyer:
 def _new_tag() -> int:
     """A random request tag in [1, 2**63 - 1]: unique without coordination."""
     return int.from_bytes(os.urandom(8), "big") % MAX_REQUEST_TAG + 1
-
-
-async def _first_of(*waits: Callable[[], Awaitable[object]]) -> None:
-    """Return as soon as any of `waits` returns."""
-    async with trio.open_nursery() as nursery:
-        for wait in waits:
-
-            async def run(wait: Callable[[], Awaitable[object]] = wait) -> None:
-                await wait()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(run)

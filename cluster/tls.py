@@ -74,15 +74,20 @@ def admin_client_context(*, cluster_ca: Path, cert: Path, key: Path) -> ssl.SSLC
     return _context(ssl.Purpose.SERVER_AUTH, ("cluster_ca", cluster_ca), cert, key)
 
 
-def certificate_identity(cert: Path) -> Identity:
-    """The gcks identity in the PEM certificate file `cert` (to check a node's own
-    certificate against its configured id before it starts)."""
+def read_certificate(cert: Path) -> x509.Certificate:
+    """The PEM certificate file `cert`; `TlsSetupError` if unreadable or not PEM."""
     try:
-        loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+        return x509.load_pem_x509_certificate(cert.read_bytes())
     except OSError as exc:
         raise TlsSetupError("cert", f"cannot read {cert}: {exc.strerror or exc}") from None
     except ValueError:
         raise TlsSetupError("cert", f"{cert} is not a PEM certificate") from None
+
+
+def certificate_identity(cert: Path) -> Identity:
+    """The gcks identity in the PEM certificate file `cert` (to check a node's own
+    certificate against its configured id before it starts)."""
+    loaded = read_certificate(cert)
     try:
         return Identity.from_certificate(loaded)
     except IdentityError as exc:

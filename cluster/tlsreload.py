@@ -72,7 +72,7 @@ class NodeTls:
         self.member_server = tls.member_server_context(
             member_ca=files.member_ca, cert=cert, key=key
         )
-        self.expiry = _read_certificate(cert).not_valid_after_utc
+        self.expiry = tls.read_certificate(cert).not_valid_after_utc
         self.reloads = 0
         self.reload_failures = 0
         self._stamps = self._stat()
@@ -115,12 +115,13 @@ class NodeTls:
         # refusal must leave the live ones as they were.
         tls.peer_server_context(cluster_ca=files.cluster_ca, cert=files.cert, key=files.key)
         tls.member_server_context(member_ca=files.member_ca, cert=files.cert, key=files.key)
-        identity = tls.certificate_identity(files.cert)
+        certificate = tls.read_certificate(files.cert)
+        # The throwaway loads above already refused a certificate without one.
+        identity = Identity.from_certificate(certificate)
         if identity != self._identity:
             raise tls.TlsSetupError(
                 "cert", f"the new certificate is of {identity}, not of {self._identity}"
             )
-        certificate = _read_certificate(files.cert)
         now = self._now()
         window = (
             f"valid from {certificate.not_valid_before_utc:%Y-%m-%d %H:%M} "
@@ -205,15 +206,6 @@ def _stamp(path: Path) -> _Stamp:
     except OSError:
         return None
     return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-def _read_certificate(path: Path) -> x509.Certificate:
-    try:
-        return x509.load_pem_x509_certificate(path.read_bytes())
-    except OSError as exc:
-        raise tls.TlsSetupError("cert", f"cannot read {path}: {exc.strerror or exc}") from None
-    except ValueError:
-        raise tls.TlsSetupError("cert", f"{path} is not a PEM certificate") from None
 
 
 def _issued_by_one_of(certificate: x509.Certificate, ca_file: Path) -> bool:
