@@ -91,16 +91,17 @@ class Node:
         assert self.sender is not None
         if result.rejected:
             log.info("entry %d changed nothing: %s", index, result.rejected)
-        self.registrar.on_apply(result)
         assert self.rekeyer is not None
         self.rekeyer.on_apply(result)
         for group, member_id, _reason in result.left:
             self.registrar.detach(group, member_id)
-        if replay:
-            return  # sent before the restart; members resync if they missed it
-        for outbound in result.outbound:
-            self.sender.submit(outbound)
-            self.registrar.push(outbound)
+        if not replay:  # else sent before the restart; members resync if they missed it
+            for outbound in result.outbound:
+                self.sender.submit(outbound)
+                self.registrar.push(outbound)
+        # After the pushes: a member this entry joins gets a GSA that already
+        # holds the entry's keys, so its push would be a wasted write.
+        self.registrar.on_apply(result)
 
     async def run(self, *, task_status: trio.TaskStatus[Bound] = trio.TASK_STATUS_IGNORED) -> None:
         cfg = self.config

@@ -108,9 +108,9 @@ class Registrar:
         # GSAs built at the index where the member's join applied, per (group, member).
         self._answers: dict[tuple[str, str], GsaAnswer] = {}
         self._waiting: dict[tuple[str, str], int] = defaultdict(int)
-        # Connections of members whose join has not applied yet: they start to
-        # get pushes at the entry that builds their GSA (everything before it is
-        # already in the GSA, so pushing it would be wasted work).
+        # Connections of members whose join has not applied yet: they get pushes
+        # from the entry after the one that builds their GSA (everything up to
+        # it is already in the GSA, so pushing it would be wasted work).
         self._pending: dict[tuple[str, str], set[_MemberLink]] = defaultdict(set)
         self._open = 0
         self.stats = RegistrarStats()
@@ -118,7 +118,7 @@ class Registrar:
     # ------------------------------------------------------------ apply hook
 
     def on_apply(self, result: ApplyResult) -> None:
-        """Called by the node for every applied entry, before anything else runs."""
+        """Called by the node for every applied entry, after the entry's pushes."""
         state = self._driver.state
         for group, member_id in result.joined:
             if self._waiting.get((group, member_id)) and state.is_member(group, member_id):

@@ -14,8 +14,10 @@ import trio
 
 from gcks.cluster.config import load_config
 from gcks.cluster.node import Node
-from gcks.member.session import Refused
+from gcks.member.session import Refused, Session
+from gcks.member.tls import member_client_context
 from gcks.proto.messages import GsaAnswer
+from gcks.proto.policy import Role
 from tests.cluster.clusterkit import Kit, admin_call, make_kit, register
 
 
@@ -93,6 +95,37 @@ async def test_re_registration_at_any_node_returns_the_identical_gsa(tmp_path: P
         again = [await register(kit, "m1", nid) for nid in kit.node_ids]
         for answer in again:
             assert dataclasses.replace(answer, request_id=first.request_id) == first
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_new_member_is_pushed_the_entries_after_its_gsa_not_the_one_in_it(
+    tmp_path: Path,
+) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        await wait_for_group(nodes)
+        registrar = nodes["n1"].registrar
+        assert registrar is not None
+        ca, crt, key = kit.member_files("m1")
+        context = member_client_context(cluster_ca=ca, cert=crt, key=key)
+        port = kit.ports["n1"]["member"]
+        session = await Session.connect("127.0.0.1", port, context, expected_node="n1", timeout_s=5)
+        try:
+            first = await session.register(
+                "demo", Role.RECEIVER, last_msg_id=0, sender_key=None, timeout_s=15
+            )
+            # The join's own rekey is already in the GSA: it is not pushed.
+            assert registrar.stats.pushes == 0
+            second = await register(kit, "m2", "n2")
+            assert second.msg_id == first.msg_id + 1
+            with trio.fail_after(10):
+                async for datagram in session.pushes():
+                    break
+            assert datagram, "the next entry's rekey reaches the open connection"
+            assert registrar.stats.pushes == 1
+        finally:
+            await session.aclose()
         nursery.cancel_scope.cancel()
 
 
