@@ -106,6 +106,9 @@ _HOST_PORT_PATTERN: Final = re.compile(
     r"(?:\[(?P<v6>[0-9A-Fa-f:.]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})"
 )
 
+# Suites by wire value, for the hot path of `read_key_sa`.
+_SUITES: Final = {suite.value: suite for suite in CipherSuite}
+
 _T = TypeVar("_T")
 
 
@@ -145,7 +148,10 @@ class ErrorCode(enum.IntEnum):
 def parse_host_port(text: object, name: str) -> tuple[str, int]:
     """`"host:port"`, `"1.2.3.4:port"` or `"[v6]:port"` -> (host, port); the host
     is a DNS name or an IP address (IPv6 without brackets in the result)."""
-    value = read_str(text, name, MAX_ADDRESS, min_len=3)
+    return _split_host_port(read_str(text, name, MAX_ADDRESS, min_len=3), name)
+
+
+def _split_host_port(value: str, name: str) -> tuple[str, int]:
     match = _HOST_PORT_PATTERN.fullmatch(value)
     if match is None:
         raise DecodeError(f"{name}: expected host:port or [ipv6]:port")
@@ -165,8 +171,8 @@ def parse_host_port(text: object, name: str) -> tuple[str, int]:
 
 
 def _read_address(value: object, name: str) -> str:
-    text = read_str(value, name, MAX_ADDRESS)
-    parse_host_port(text, name)
+    text = read_str(value, name, MAX_ADDRESS, min_len=3)
+    _split_host_port(text, name)
     return text
 
 
@@ -190,7 +196,14 @@ def _read_items(
     value: object, name: str, max_items: int, reader: Callable[[object, str], _T]
 ) -> tuple[_T, ...]:
     items = read_list(value, name, max_items)
-    return tuple(reader(item, f"{name}[{index}]") for index, item in enumerate(items))
+    try:
+        # An item's indexed name is built only for its error: a GSA or a rekey
+        # body holds dozens of items, and the names cost more than the checks.
+        return tuple(reader(item, name) for item in items)
+    except DecodeError:
+        for index, item in enumerate(items):
+            reader(item, f"{name}[{index}]")  # readers are pure: the bad item raises again
+        raise
 
 
 def _require_unique(values: Sequence[object], name: str, what: str) -> None:
@@ -206,6 +219,22 @@ def encode_key_sa(sa: KeySA) -> list[object]:
 
 
 def read_key_sa(value: object, name: str) -> KeySA:
+    # Hot path (every GSA, every rekey): the valid case is checked inline, and
+    # anything else goes through the readers below, which name the bad field.
+    if type(value) is list and len(value) == 5:
+        spi, suite, key, activation, expiry = value
+        if (
+            type(spi) is int
+            and 1 <= spi <= MAX_SPI
+            and type(suite) is str
+            and suite in _SUITES
+            and type(key) is bytes
+            and len(key) == KEY_SIZE
+            and type(activation) is int
+            and type(expiry) is int
+            and 0 <= activation < expiry <= MAX_TIME_MS
+        ):
+            return KeySA(spi, _SUITES[suite], key, activation, expiry)
     spi, suite, key, activation, expiry = read_record(value, name, 5)
     sa = KeySA(
         spi=_read_spi(spi, f"{name}.spi"),
@@ -230,6 +259,17 @@ def _encode_path_key(key: PathKey) -> list[object]:
 
 
 def _read_path_key(value: object, name: str) -> PathKey:
+    if type(value) is list and len(value) == 3:  # hot path, as in `read_key_sa`
+        node, version, key = value
+        if (
+            type(node) is int
+            and 0 <= node <= MAX_U64
+            and type(version) is int
+            and 0 <= version <= MAX_U64
+            and type(key) is bytes
+            and len(key) == KEY_SIZE
+        ):
+            return PathKey(node, version, key)
     node, version, key = read_record(value, name, 3)
     return PathKey(
         node=read_int(node, f"{name}.node", 0, MAX_U64),
@@ -243,6 +283,21 @@ def _encode_wrapped_key(key: WrappedKey) -> list[object]:
 
 
 def _read_wrapped_key(value: object, name: str) -> WrappedKey:
+    if type(value) is list and len(value) == 5:  # hot path, as in `read_key_sa`
+        node, version, under, under_version, wrapped = value
+        if (
+            type(node) is int
+            and 0 <= node <= MAX_U64
+            and type(version) is int
+            and 0 <= version <= MAX_U64
+            and type(under) is int
+            and 0 <= under <= MAX_U64
+            and type(under_version) is int
+            and 0 <= under_version <= MAX_U64
+            and type(wrapped) is bytes
+            and len(wrapped) == WRAPPED_KEY_SIZE
+        ):
+            return WrappedKey(node, version, under, under_version, wrapped)
     node, version, under, under_version, wrapped = read_record(value, name, 5)
     return WrappedKey(
         node=read_int(node, f"{name}.node", 0, MAX_U64),

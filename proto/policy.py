@@ -100,7 +100,8 @@ class MulticastEndpoint:
             raise PolicyError("multicast_address", "an IPv6 zone id is not allowed")
         if not self.address.is_multicast:
             raise PolicyError("multicast_address", "not a multicast address")
-        _check("multicast_port", read_int, self.port, 1, 65_535)
+        if type(self.port) is not int or not 1 <= self.port <= 65_535:
+            _check("multicast_port", read_int, self.port, 1, 65_535)
 
     @classmethod
     def parse(cls, address: object, port: object) -> MulticastEndpoint:
@@ -109,7 +110,7 @@ class MulticastEndpoint:
             parsed = ipaddress.ip_address(text)
         except ValueError:
             raise PolicyError("multicast_address", "not an IPv4 or IPv6 address") from None
-        return cls(parsed, _check("multicast_port", read_int, port, 1, 65_535))
+        return cls(parsed, port)  # type: ignore[arg-type]  # the constructor checks it
 
     def __str__(self) -> str:
         if isinstance(self.address, ipaddress.IPv6Address):
@@ -140,7 +141,7 @@ def _read_authorization(value: object, index: int) -> Authorization:
         raise PolicyError(f"{prefix}.identity", "required")
     if "roles" not in entry:
         raise PolicyError(f"{prefix}.roles", "required")
-    pattern = _check(f"{prefix}.identity", read_str, entry["identity"], 256, IDENTITY_PATTERN)
+    pattern = _check(f"{prefix}.identity", read_str, entry["identity"], 256)
     items = _check(f"{prefix}.roles", read_list, entry["roles"], len(Role))
     roles: set[Role] = set()
     for position, item in enumerate(items):
@@ -177,7 +178,8 @@ class GroupPolicy:
     replay_window: int = 1024
 
     def __post_init__(self) -> None:
-        _check("group_id", read_str, self.group_id, 64, GROUP_ID_PATTERN)
+        if type(self.group_id) is not str or not GROUP_ID_PATTERN.fullmatch(self.group_id):
+            _check("group_id", read_str, self.group_id, 64, GROUP_ID_PATTERN)
         if not isinstance(self.multicast, MulticastEndpoint):
             raise PolicyError("multicast_address", "expected a MulticastEndpoint")
         if not isinstance(self.authorize, tuple) or len(self.authorize) > MAX_AUTHORIZATIONS:
@@ -186,7 +188,10 @@ class GroupPolicy:
         for index, entry in enumerate(self.authorize):
             if not isinstance(entry, Authorization):
                 raise PolicyError(f"authorize[{index}]", "expected an Authorization")
-            _check(f"authorize[{index}].identity", read_str, entry.pattern, 256, IDENTITY_PATTERN)
+            if type(entry.pattern) is not str or not IDENTITY_PATTERN.fullmatch(entry.pattern):
+                _check(
+                    f"authorize[{index}].identity", read_str, entry.pattern, 256, IDENTITY_PATTERN
+                )
             if not isinstance(entry.roles, frozenset) or not all(
                 isinstance(role, Role) for role in entry.roles
             ):
@@ -195,10 +200,17 @@ class GroupPolicy:
                 # Under first-match-wins the second entry could never apply.
                 raise PolicyError(f"authorize[{index}].identity", "duplicate pattern")
             seen.add(entry.pattern)
+        # Every GSA a member decodes builds a policy: the common case is
+        # checked inline, and only a failing value goes through its reader
+        # (which raises the error that names it).
         for key, (lo, hi) in _INT_LIMITS.items():
-            _check(key, read_int, getattr(self, key), lo, hi)
+            value = getattr(self, key)
+            if type(value) is not int or not lo <= value <= hi:
+                _check(key, read_int, value, lo, hi)
         for key in _BOOL_KEYS:
-            _check(key, read_bool, getattr(self, key))
+            value = getattr(self, key)
+            if type(value) is not bool:
+                _check(key, read_bool, value)
         if not isinstance(self.cipher_suite, CipherSuite):
             raise PolicyError("cipher_suite", "expected a CipherSuite")
         self._check_relations()
@@ -268,20 +280,17 @@ class GroupPolicy:
         for key in ("group_id", "multicast_address", "multicast_port"):
             if key not in values:
                 raise PolicyError(key, "required")
-        group_id = _check("group_id", read_str, values["group_id"], 64, GROUP_ID_PATTERN)
+        group_id: Any = values["group_id"]  # checked by the constructor
         multicast = MulticastEndpoint.parse(values["multicast_address"], values["multicast_port"])
         authorize: tuple[Authorization, ...] = ()
         if "authorize" in values:
             items = _check("authorize", read_list, values["authorize"], MAX_AUTHORIZATIONS)
             authorize = tuple(_read_authorization(item, i) for i, item in enumerate(items))
-        # Values are typed by the readers; the constructor re-checks them all.
-        settings: dict[str, Any] = {}
-        for key, (lo, hi) in _INT_LIMITS.items():
-            if key in values:
-                settings[key] = _check(key, read_int, values[key], lo, hi)
-        for key in _BOOL_KEYS:
-            if key in values:
-                settings[key] = _check(key, read_bool, values[key])
+        # Integers and booleans go in as they are: the constructor checks
+        # every setting (once) and names the bad one.
+        settings: dict[str, Any] = {
+            key: values[key] for key in (*_INT_LIMITS, *_BOOL_KEYS) if key in values
+        }
         if "cipher_suite" in values:
             settings["cipher_suite"] = _check(
                 "cipher_suite", read_enum, values["cipher_suite"], CipherSuite

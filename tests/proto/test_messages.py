@@ -30,8 +30,11 @@ from gcks.proto.messages import (
     RegisterRequest,
     RekeyBody,
     RekeyPush,
+    _read_path_key,
+    _read_wrapped_key,
     decode_message,
     parse_host_port,
+    read_key_sa,
 )
 from gcks.proto.policy import Authorization, GroupPolicy, MulticastEndpoint, Role
 from gcks.proto.sa import MAX_SPI, CipherSuite, KeySA, PathKey, WrappedKey
@@ -302,6 +305,8 @@ def test_extra_or_missing_field_is_decode_error() -> None:
         (13, [["n1", "nohost", "a:1"]], r"GsaAnswer\.nodes\[0\]\.member_addr"),
         (13, [["n 1", "a:1", "a:1"]], r"GsaAnswer\.nodes\[0\]\.node_id"),
         (13, [["n1", "a:1", "a:0"]], r"GsaAnswer\.nodes\[0\]\.probe_addr"),
+        (7, [[1, 0, b"K" * 32], [2, 0, b"K" * 31]], r"GsaAnswer\.path_keys\[1\]\.key"),
+        (7, [[1, 0, b"K" * 32], [2, True, b"K" * 32]], r"GsaAnswer\.path_keys\[1\]\.version"),
         (8, -1, r"GsaAnswer\.leaf"),
         (2, "7", r"GsaAnswer\.request_id"),
     ],
@@ -335,6 +340,56 @@ def test_invalid_rekey_body_field_is_decode_error_naming_the_field(
     fields[index] = value
     with pytest.raises(DecodeError, match=field):
         RekeyBody.decode(msgpack.packb(fields))
+
+
+_near_valid_int = st.sampled_from([-1, 0, 1, 2, 2**32 - 1, 2**32, 2**63 - 1, 2**64 - 1, 2**64])
+_near_valid_field = (
+    _near_valid_int
+    | st.booleans()
+    | st.none()
+    | st.binary(min_size=30, max_size=42)
+    | st.sampled_from([suite.value for suite in CipherSuite] + ["aes-128-gcm", ""])
+)
+
+
+_VALID_RECORDS: dict[str, list[object]] = {
+    "read_key_sa": [7, "aes-256-gcm", b"K" * 32, 10, 20],
+    "_read_path_key": [3, 1, b"K" * 32],
+    "_read_wrapped_key": [3, 1, 6, 0, b"W" * 40],
+}
+
+
+@given(
+    st.sampled_from(sorted(_VALID_RECORDS)),
+    st.lists(st.tuples(st.integers(0, 5), _near_valid_field), max_size=2),
+    st.sampled_from([0, 0, 0, -1, 1]),
+)
+@settings(max_examples=2000)
+def test_record_readers_fast_path_agrees_with_the_field_readers(
+    reader_name: str, changes: list[tuple[int, object]], resize: int
+) -> None:
+    # The hot readers check a valid list inline and send anything else through
+    # the per-field readers; a tuple always takes the per-field path, so the
+    # two paths must agree on every input: the same record, or both refuse.
+    reader = {
+        "read_key_sa": read_key_sa,
+        "_read_path_key": _read_path_key,
+        "_read_wrapped_key": _read_wrapped_key,
+    }[reader_name]
+    record = list(_VALID_RECORDS[reader_name])
+    for index, value in changes:
+        record[index % len(record)] = value
+    if resize < 0:
+        record.pop()
+    elif resize > 0:
+        record.append(0)
+    outcomes: list[object] = []
+    for value in (record, tuple(record)):
+        try:
+            outcomes.append(reader(value, "r"))
+        except DecodeError:
+            outcomes.append(DecodeError)
+    assert outcomes[0] == outcomes[1]
 
 
 def test_encode_refuses_invalid_local_values() -> None:
