@@ -611,13 +611,15 @@ class GroupState:
             g.teks = [*kept, tek][-MAX_TEKS:]
             new_teks, deactivate = (tek,), tuple(retired)
 
+        events: dict[str, list[str]] = {}
         for record in joined:
             event = "join" if record.member_id in tree_joins else "rejoin"
-            self._record(index, now, cmd.group, event, record.member_id, cmd.reason)
-        for mid in rejoined:
-            self._record(index, now, cmd.group, "rejoin", mid, cmd.reason)
+            events.setdefault(event, []).append(record.member_id)
+        events.setdefault("rejoin", []).extend(rejoined)
         for mid, why in leaving.items():
-            self._record(index, now, cmd.group, _LEAVE_EVENT[why], mid, cmd.reason)
+            events.setdefault(_LEAVE_EVENT[why], []).append(mid)
+        for event, members in events.items():
+            self._record(index, now, cmd.group, event, members, cmd.reason)
 
         outbound: list[Outbound] = []
         if kek_update or new_teks or senders_added or senders_removed:
@@ -686,12 +688,27 @@ class GroupState:
         )
 
     def _record(
-        self, index: int, time_ms: int, group: str, event: str, member: str | None, detail: str
+        self,
+        index: int,
+        time_ms: int,
+        group: str,
+        event: str,
+        member: str | Sequence[str] | None,
+        detail: str,
     ) -> None:
-        record = AuditRecord(index, time_ms, group, event, member, detail)
-        self._audit.append(record)
+        """One audit record per member (or one without), and one log line for
+        them all: a batch of joins is one line, `member=m1,m2,...`, not one per
+        member on every node."""
+        members: Sequence[str | None] = (
+            [member] if member is None or isinstance(member, str) else member
+        )
+        if not members:
+            return
+        for one in members:
+            self._audit.append(AuditRecord(index, time_ms, group, event, one, detail))
+        listed = ",".join(m for m in members if m is not None) or None
         log.info(
-            "audit index=%d group=%s event=%s member=%s %s", index, group, event, member, detail
+            "audit index=%d group=%s event=%s member=%s %s", index, group, event, listed, detail
         )
 
     # ------------------------------------------------------------- snapshots

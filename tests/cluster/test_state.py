@@ -710,3 +710,25 @@ def test_sender_joins_past_what_a_gsa_can_list_are_refused_as_full(
     assert cluster.state.is_member("demo", "s4")
     keys = cluster.state.gsa("demo", "s4", request_id=0, nodes=()).sender_verify_keys
     assert len(keys) == 3
+
+
+def test_a_batch_is_one_audit_record_per_member_and_one_log_line_per_event(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cluster = Cluster(nodes=1)
+    cluster.join("m1")
+    caplog.set_level("INFO", logger="gcks.cluster.state")
+    caplog.clear()
+    cluster.rekey(
+        [Join("m2", Role.RECEIVER), Join("m3", Role.RECEIVER)],
+        [Leave("m1", LeaveReason.DEREGISTER)],
+    )
+    index = cluster.index
+    records = [(a.event, a.member) for a in cluster.state.audit() if a.index == index]
+    assert records == [("join", "m2"), ("join", "m3"), ("leave", "m1"), ("rekey", None)]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("audit")]
+    assert [line.split(" ")[3:5] for line in lines] == [
+        ["event=join", "member=m2,m3"],
+        ["event=leave", "member=m1"],
+        ["event=rekey", "member=None"],
+    ]
