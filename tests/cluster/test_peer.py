@@ -513,3 +513,38 @@ async def test_a_peer_that_connects_to_us_is_redialed_at_once_not_after_the_back
             assert trio.current_time() - start < 1.0, "not after the 30-60 s backoff"
             assert link.connect_failures == 1
             nursery.cancel_scope.cancel()
+
+
+async def test_an_idle_link_sends_keepalives_and_a_stalled_write_ends_it_at_the_deadline(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    transport = PeerTransport(
+        "n1",
+        Address("127.0.0.1", 1),
+        {"n2": Address("127.0.0.1", 2)},
+        server_context=ssl.create_default_context(),
+        client_context=ssl.create_default_context(),
+        settings=FAST,
+    )
+    link = transport._links["n2"]
+    ours, theirs = trio.testing.lockstep_stream_pair()  # a write waits for the reader
+    received: list[bytes] = []
+    stalled_at = 0.0
+
+    async def peer_reads_twice_then_stalls() -> None:
+        nonlocal stalled_at
+        for _ in range(2):
+            received.append(bytes(await theirs.receive_some(1 << 16)))
+        stalled_at = trio.current_time()
+        transport.send("n2", b"second")  # its write never finishes
+
+    transport.send("n2", b"first")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(peer_reads_twice_then_stalls)
+        with trio.fail_after(60):
+            await transport._write_frames(link, ours)  # type: ignore[arg-type]
+    assert received == [encode_frame(b"first"), encode_frame(b"")]  # the frame, a keepalive
+    assert trio.current_time() - stalled_at == pytest.approx(FAST.write_timeout_ms / 1000)
+    assert link.stats.frames_sent == 1
+    assert link.stats.frames_dropped == 1
+    assert "lost while writing: write timed out" in caplog.text
