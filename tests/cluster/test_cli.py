@@ -3,6 +3,7 @@ the key, and one real `gcks` process end to end."""
 
 from __future__ import annotations
 
+import gc
 import ipaddress
 import os
 import socket
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from gcks.cluster.cli import load_admin_config, main
+from gcks.cluster.cli import GC_YOUNG_THRESHOLD, load_admin_config, main, tune_gc
 from gcks.cluster.config import ConfigError, load_config
 from gcks.cluster.devinit import dev_init
 
@@ -204,3 +205,13 @@ def test_admin_config_nested_too_deeply_is_a_config_error_not_a_crash(tmp_path: 
         load_admin_config(path)
     assert caught.value.key == "<toml>"
     assert main(["admin", "--config", str(path), "group", "list"]) == 2
+
+
+def test_a_node_process_collects_young_objects_less_often_keeping_older_ratios() -> None:
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 10, 10)
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
+    finally:
+        gc.set_threshold(*saved)
