@@ -3,30 +3,30 @@
 Every member certificate of a fresh kit registers once (a real join: LKH
 update, Raft commit on a majority with fsync, GSA answer) over its own TLS 1.3
 connection to one of the three `gcks node` processes (members spread round
-robin), with `--concurrency` registrations in flight. Each registration is
-timed from the TCP connect to the GSA answer; the connection is then closed.
+robin). Each registration is timed from the TCP connect to the GSA answer;
+the connection is then closed.
 
 The anchor, in the same run, is the ceiling: the same load generator, the same
 member certificates and the same TLS contexts (`member_server_context`,
 `member_client_context`) against three trivial trio TLS servers (three
 processes, like the nodes) that complete the mutual TLS 1.3 handshake, check
-the member identity, answer one byte and close. `ratio` = our
-registrations/s / anchor handshakes/s over all rounds (target >= 0.7).
+the member identity, answer one byte and close.
 
-Both sides run in `--rounds` alternating rounds (anchor, then gcks, each on
-its own share of the members) with both server sets up throughout, so a slow
-spell of a shared machine lands on both sides; `round_ratios` shows the spread.
-`cpu_s` is the CPU time the servers (user, system) and the load generator used.
+Both sides are measured at each `--concurrency` level (default 100, 200 and
+400 in flight): one round per level, anchor then gcks, each round on its own
+share of the members, with both server sets up throughout. A side's capacity
+is its best level, and `ratio` = our best registrations/s / the anchor's best
+handshakes/s (target >= 0.7); `levels` lists every level. Why a sweep: the
+two sides peak at different loads. The anchor waits for nothing, so its load
+generator saturates already at 100; a registration also waits for its batch
+interval and a commit, so at 100 in flight the cluster partly idles. Any
+single level would favour one side. `cpu_s` is the CPU time the servers
+(user, system) and the load generator used over all rounds.
 
 The policy's batch interval coalesces joins into one rekey; it is a floor on
-the latency of a registration and is reported (`batch_interval_ms`). Hence
-200 in flight by default: a registration waits for its batch and its commit
-(about 100 ms at a 50 ms interval), so with 50 in flight the cluster idles
-between batches and the run measures that latency more than capacity, while
-the anchor, which waits for nothing, saturates the CPU either way.
-`--concurrency 50` gives the latency-bound figure.
+the latency of a registration and is reported (`batch_interval_ms`).
 
-Run: `python -m tests.bench.registration [--members 3000] [--rounds 3] [--concurrency 200]`
+Run: `python -m tests.bench.registration [--members 4500] [--concurrency 100,200,400]`
 from the repository root. The last stdout line is the JSON result. Every
 process started here is killed on exit, error or Ctrl-C. Loopback only.
 
@@ -297,22 +297,18 @@ def cpu_used(pids: Sequence[int], before: tuple[tuple[float, float], float]) -> 
     }
 
 
-def _combined(results: Sequence[LoadResult]) -> LoadResult:
-    return LoadResult(
-        ok=sum(r.ok for r in results),
-        failed=sum(r.failed for r in results),
-        elapsed_s=sum(r.elapsed_s for r in results),
-        latencies_s=[s for r in results for s in r.latencies_s],
-    )
-
-
 def _add_cpu(total: dict[str, float], used: dict[str, float]) -> None:
     for key, value in used.items():
         total[key] = round(total.get(key, 0.0) + value, 2)
 
 
+def _best(results: Sequence[LoadResult]) -> int:
+    """Index of the level with the highest rate: the side's capacity."""
+    return max(range(len(results)), key=lambda i: results[i].per_s)
+
+
 async def bench(
-    members: int, concurrency: int, batch_ms: int, deadline_s: float, rounds: int
+    members: int, levels: Sequence[int], batch_ms: int, deadline_s: float
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gcks-bench-reg-") as tmp:
         log(f"issuing {members} member certificates ...")
@@ -326,10 +322,10 @@ async def bench(
         contexts = member_contexts(kit, kit.member_ids)
         nodes = kit.node_ids
         assignment = {mid: nodes[i % len(nodes)] for i, mid in enumerate(kit.member_ids)}
-        # Rounds alternate anchor and gcks, so a slow spell of a shared machine
-        # lands on both sides rather than on one. Each round registers members
-        # not seen before (a join, not a re-registration).
-        slices = [kit.member_ids[r::rounds] for r in range(rounds)]
+        # One round per concurrency level, anchor then gcks, so a slow spell
+        # of a shared machine lands on both sides rather than on one. Each
+        # round registers members not seen before (a join, not a re-registration).
+        slices = [kit.member_ids[r :: len(levels)] for r in range(len(levels))]
 
         async with anchor_servers(kit) as (ports, anchor_pids), running_cluster(kit) as cluster:
             await cluster.leader(timeout_s=30)
@@ -342,7 +338,7 @@ async def bench(
             ours: list[LoadResult] = []
             anchor_cpu: dict[str, float] = {}
             ours_cpu: dict[str, float] = {}
-            for number, round_members in enumerate(slices, 1):
+            for concurrency, round_members in zip(levels, slices, strict=True):
                 before = cpu_seconds(anchor_pids), time.process_time()
                 anchors.append(
                     await run_load(
@@ -370,27 +366,35 @@ async def bench(
                 )
                 _add_cpu(ours_cpu, cpu_used(pids, before))
                 log(
-                    f"round {number}/{rounds}: {anchors[-1].per_s:.1f} handshakes/s, "
+                    f"{concurrency} in flight: {anchors[-1].per_s:.1f} handshakes/s, "
                     f"{ours[-1].per_s:.1f} registrations/s"
                 )
             status = await cluster.nodes[nodes[0]].status()
             terms_after = [
                 s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
             ]
-        anchor, total = _combined(anchors), _combined(ours)
+        best_ours, best_anchor = ours[_best(ours)], anchors[_best(anchors)]
         group_members = status["groups"]["demo"]["members"] if status else None
         return {
             "bench": "registration",
             "results": {
-                **total.summary("registrations"),
+                **best_ours.summary("registrations"),
+                "concurrency": levels[_best(ours)],
+                "ok": sum(r.ok for r in ours),
+                "failed": sum(r.failed for r in ours),
                 "members": members,
                 "group_members_after": group_members,
-                "concurrency": concurrency,
                 "nodes": 3,
-                "rounds": rounds,
-                "round_ratios": [
-                    round(o.per_s / a.per_s, 3) if a.per_s else None
-                    for o, a in zip(ours, anchors, strict=True)
+                "levels": [
+                    {
+                        "concurrency": level,
+                        "registrations_per_s": round(o.per_s, 1),
+                        "handshakes_per_s": round(a.per_s, 1),
+                        "ratio": round(o.per_s / a.per_s, 3) if a.per_s else None,
+                        "p50_ms": percentiles(o.latencies_s)["p50_ms"],
+                        "anchor_p50_ms": percentiles(a.latencies_s)["p50_ms"],
+                    }
+                    for level, o, a in zip(levels, ours, anchors, strict=True)
                 ],
                 "batch_interval_ms": batch_ms,
                 "tick_ms": TICK_MS,
@@ -399,23 +403,36 @@ async def bench(
             },
             "anchor": {
                 "what": "bare mutual TLS 1.3 handshakes, same certs and load generator",
-                **anchor.summary("handshakes"),
+                **best_anchor.summary("handshakes"),
+                "concurrency": levels[_best(anchors)],
+                "ok": sum(r.ok for r in anchors),
+                "failed": sum(r.failed for r in anchors),
                 "cpu_s": anchor_cpu,
             },
-            "ratio": round(total.per_s / anchor.per_s, 3) if anchor.per_s else None,
+            "ratio": round(best_ours.per_s / best_anchor.per_s, 3) if best_anchor.per_s else None,
         }
+
+
+def _levels(text: str) -> list[int]:
+    try:
+        levels = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected numbers separated by commas") from None
+    if not levels or min(levels) < 1:
+        raise argparse.ArgumentTypeError("every level must be at least 1")
+    return levels
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--members", type=int, default=3000, help="member certificates (1 join each)"
+        "--members", type=int, default=4500, help="member certificates (1 join each)"
     )
     parser.add_argument(
-        "--rounds", type=int, default=3, help="alternating anchor/gcks rounds (members split)"
-    )
-    parser.add_argument(
-        "--concurrency", type=int, default=200, help="registrations in flight (members at once)"
+        "--concurrency",
+        type=_levels,
+        default=[100, 200, 400],
+        help="registrations in flight, one round per level (members split): 100,200,400",
     )
     parser.add_argument("--batch-ms", type=int, default=50, help="policy batch interval")
     parser.add_argument(
@@ -434,9 +451,7 @@ def main() -> None:
             trio.run(serve_anchor, int(port), Path(ca), Path(crt), Path(key))
         return
     started = time.monotonic()
-    result = run_bench(
-        bench, args.members, args.concurrency, args.batch_ms, args.deadline, args.rounds
-    )
+    result = run_bench(bench, args.members, args.concurrency, args.batch_ms, args.deadline)
     log(f"done in {time.monotonic() - started:.0f} s")
     print(json.dumps(result))
 
