@@ -53,6 +53,7 @@ from gcks.cluster.devinit import DEFAULT_BASE_PORT, DEFAULT_GROUP, DevInitError,
 from gcks.cluster.node import Node
 from gcks.cluster.pki import DEFAULT_NODE_DNS, DEFAULT_NODE_IPS, PkiError, pki_init
 from gcks.cluster.raft.storage_errors import StorageError
+from gcks.cluster.state import UpgradeRequired
 from gcks.proto.identity import Role, is_valid_id
 from gcks.proto.tomldoc import TomlDocError, parse_toml_bytes
 
@@ -386,9 +387,10 @@ def _node(args: argparse.Namespace) -> int:
         trio.run(Node(config).run)
     except* KeyboardInterrupt:
         pass  # Ctrl-C before the signal handler was installed
-    except* (StorageError, OSError) as group:
-        # Cannot bind, cannot read the data directory, wrong storage key: say
-        # what, in one line; anything else is a bug and keeps its traceback.
+    except* (StorageError, OSError, UpgradeRequired) as group:
+        # Cannot bind, cannot read the data directory, wrong storage key, a
+        # log entry from a newer version: say what, in one line; anything
+        # else is a bug and keeps its traceback.
         failure = _leaves(group)[0]
     if failure is not None:
         print(f"gcks node: {_one_line(str(failure) or type(failure).__name__)}", file=sys.stderr)

@@ -10,6 +10,12 @@ authenticated and encrypted at rest, but a node may still meet a command from
 a newer or buggy peer, so decoding validates every field and raises
 `DecodeError` like any other decoder of bytes from elsewhere.
 
+Any change that an older node would decode differently, or apply differently,
+bumps `COMMAND_VERSION`: a node that meets a higher version raises
+`NewerCommand` and stops (see `GroupState.apply`) instead of skipping an entry
+that newer nodes apply. Every node of one version skips a malformed entry of
+its own version the same way, so that stays a plain `DecodeError`.
+
 May import `gcks.proto`. Must never read a clock, draw randomness or do I/O.
 Key material is kept out of every repr.
 """
@@ -179,10 +185,19 @@ def encode_command(command: Command) -> bytes:
     return data
 
 
+class NewerCommand(DecodeError):
+    """The entry was written by a newer gcks: its command version is above ours."""
+
+
 def decode_command(data: bytes) -> Command:
-    """Validate and decode a log entry; raises `DecodeError` on anything malformed."""
+    """Validate and decode a log entry; raises `NewerCommand` for a version above
+    `COMMAND_VERSION` and `DecodeError` on anything else malformed."""
     obj = read_list(unpackb(data), "command", 16, min_items=2)
     version = read_int(obj[0], "command.version", 0, 255)
+    if version > COMMAND_VERSION:
+        raise NewerCommand(
+            f"command version {version}; this node applies up to version {COMMAND_VERSION}"
+        )
     if version != COMMAND_VERSION:
         raise DecodeError(f"command.version: {version} is not supported")
     kind = read_enum(obj[1], "command.type", CommandType)

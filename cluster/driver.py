@@ -31,7 +31,7 @@ from gcks.cluster.raft.errors import NotLeader, RaftCodecError, RaftError
 from gcks.cluster.raft.raft import RawNode, Status
 from gcks.cluster.raft.storage import DiskStorage
 from gcks.cluster.raft.types import ConfChange, EntryType, Ready, Snapshot
-from gcks.cluster.state import ApplyResult, GroupState
+from gcks.cluster.state import ApplyResult, GroupState, NewerSnapshot, UpgradeRequired
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +304,13 @@ class RaftDriver:
     async def _install_snapshot(self, snapshot: Snapshot) -> None:
         # Decoding a large state (a 100k-member group is ~16 MB) is CPU work:
         # off the event loop, so listeners keep answering meanwhile.
-        self.state = await trio.to_thread.run_sync(GroupState.restore, snapshot.data)
+        try:
+            state = await trio.to_thread.run_sync(GroupState.restore, snapshot.data)
+        except NewerSnapshot as exc:
+            raise UpgradeRequired(
+                f"the leader sent a snapshot written by a newer gcks ({exc}): upgrade this node"
+            ) from None
+        self.state = state
         self.state.applied_index = snapshot.meta.index
         self._last_snapshot = snapshot.meta.index
         log.info("installed snapshot at index %d", snapshot.meta.index)

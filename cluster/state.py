@@ -45,6 +45,7 @@ from gcks.cluster.commands import (
     DeleteGroup,
     Leave,
     LeaveReason,
+    NewerCommand,
     Rekey,
     RestoreState,
     UpdatePolicy,
@@ -111,6 +112,16 @@ def _tek_key(secret: bytes, index: int) -> bytes:
 
 class StateError(Exception):
     """A snapshot could not be restored (corrupt or from an unknown format)."""
+
+
+class NewerSnapshot(StateError):
+    """The snapshot was written by a newer gcks: its format is above ours."""
+
+
+class UpgradeRequired(Exception):
+    """A committed entry was written by a newer gcks. Other nodes apply it, so
+    skipping it here would make this node's keys differ from theirs for good:
+    the node must stop, and apply the entry once it runs the newer version."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -322,20 +333,35 @@ class GroupState:
         """Apply the committed log entry `index` (empty data: a leader's no-op)."""
         if index <= self.applied_index:
             raise ValueError(f"entry {index} already applied (at {self.applied_index})")
-        self.applied_index = index
         if not data:
+            self.applied_index = index
             return ApplyResult()
         digest = hashlib.sha256(data).digest()
         if digest in self._seen:
+            self.applied_index = index
             return ApplyResult(rejected="duplicate of an applied proposal")
-        self._remember(digest)
         try:
             command = decode_command(data)
+        except NewerCommand as exc:
+            raise UpgradeRequired(
+                f"log entry {index} was written by a newer gcks ({exc}): upgrade this node, "
+                "it resumes at that entry"
+            ) from None
         except DecodeError as exc:
-            # Every node rejects the same bytes the same way: state stays identical.
+            # Every node of this version rejects the same bytes the same way:
+            # state stays identical.
+            self.applied_index = index
+            self._remember(digest)
             log.error("log entry %d is not a valid command, skipped: %s", index, exc)
             return ApplyResult(rejected=f"invalid command: {exc}")
-        return self._apply(index, command)
+        before = self.applied_index
+        self.applied_index = index
+        self._remember(digest)
+        try:
+            return self._apply(index, command)
+        except UpgradeRequired:
+            self.applied_index = before  # not applied: the node stops and waits for the upgrade
+            raise
 
     def _apply(self, index: int, command: Command) -> ApplyResult:
         self.latest_ms = max(self.latest_ms, command.now_ms)
@@ -354,6 +380,11 @@ class GroupState:
     def _restore_from(self, index: int, cmd: RestoreState) -> ApplyResult:
         try:
             saved = GroupState.restore(cmd.snapshot)
+        except NewerSnapshot as exc:
+            raise UpgradeRequired(
+                f"log entry {index} restores a backup written by a newer gcks ({exc}): "
+                "upgrade this node, it resumes at that entry"
+            ) from None
         except StateError as exc:
             return ApplyResult(rejected=str(exc))
         retired = dict(saved._retired)
@@ -753,6 +784,10 @@ class GroupState:
     def _restore(cls, data: bytes) -> GroupState:
         fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 6, min_items=5)
         fmt = read_int(fields[0], "snapshot.format", 0, 255)
+        if fmt > SNAPSHOT_FORMAT:
+            raise NewerSnapshot(
+                f"snapshot format {fmt}; this node reads up to format {SNAPSHOT_FORMAT}"
+            )
         if (fmt, len(fields)) not in ((1, 5), (SNAPSHOT_FORMAT, 6)):
             raise StateError("unknown snapshot format")
         applied, groups, audit, seen = fields[1:5]

@@ -17,6 +17,8 @@ from cryptography import x509
 from gcks.cluster.cli import GC_YOUNG_THRESHOLD, load_admin_config, main, tune_gc
 from gcks.cluster.config import ConfigError, load_config
 from gcks.cluster.devinit import dev_init
+from gcks.cluster.node import Node
+from gcks.cluster.state import UpgradeRequired
 
 
 @pytest.fixture(scope="module")
@@ -215,3 +217,17 @@ def test_a_node_process_collects_young_objects_less_often_keeping_older_ratios()
         assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 10, 10)
     finally:
         gc.set_threshold(*saved)
+
+
+def test_a_node_stopped_by_an_entry_from_a_newer_version_exits_1_with_one_line(
+    dev_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stop = UpgradeRequired("log entry 7 was written by a newer gcks (command version 2)")
+
+    async def stopped(self: Node) -> None:
+        raise stop
+
+    monkeypatch.setattr(Node, "run", stopped)
+    assert main(["node", "--config", str(dev_dir / "n1.toml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"gcks node: {stop}"

@@ -7,15 +7,20 @@ same rules with `gcks node` processes and SIGKILL.
 from __future__ import annotations
 
 import dataclasses
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
 import trio
 
+from gcks.cluster.commands import COMMAND_VERSION
 from gcks.cluster.config import load_config
+from gcks.cluster.driver import NoQuorum
 from gcks.cluster.node import Node
+from gcks.cluster.state import UpgradeRequired
 from gcks.member.session import Refused, Session
 from gcks.member.tls import member_client_context
+from gcks.proto.codec import packb
 from gcks.proto.messages import GsaAnswer
 from gcks.proto.policy import Role
 from tests.cluster.clusterkit import Kit, admin_call, make_kit, register
@@ -206,3 +211,43 @@ async def test_an_admin_policy_update_that_drops_a_members_authorization_removes
         with pytest.raises(Refused, match="UNAUTHORIZED"):
             await register(kit, "m2", "n2")
         nursery.cancel_scope.cancel()
+
+
+async def test_an_entry_from_a_newer_version_stops_each_node_that_reaches_it(
+    tmp_path: Path,
+) -> None:
+    # What a mixed-version cluster meets when a newer leader proposes a command
+    # this version cannot read: a node that reaches the entry stops right
+    # before it, none skips it. The leader stops first, a follower takes over
+    # and reaches the entry too; the last node, alone, has no quorum left.
+    kit = make_kit(tmp_path)
+    stopped: dict[str, int] = {}
+    nodes: dict[str, Node] = {}
+
+    async def run_node(nid: str, task_status: trio.TaskStatus[None]) -> None:
+        node = nodes[nid] = Node(load_config(kit.config(nid)))
+        try:
+            await node.run(task_status=task_status)
+        except* UpgradeRequired:
+            assert node.driver is not None
+            stopped[nid] = node.driver.state.applied_index
+
+    async def propose(data: bytes) -> None:
+        with suppress(NoQuorum):  # the leader stopped before applying it
+            assert leader.driver is not None
+            await leader.driver.propose(data, 30.0)
+
+    async with trio.open_nursery() as nursery:
+        for nid in kit.node_ids:
+            await nursery.start(run_node, nid)
+        await wait_for_group(nodes)
+        leader = next(n for n in nodes.values() if n.status()["role"] == "leader")
+        nursery.start_soon(propose, packb([COMMAND_VERSION + 1, 1, "from the future"]))
+        with trio.fail_after(20):
+            while len(stopped) < 2:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    (before,) = set(stopped.values())
+    for node in nodes.values():
+        assert node.driver is not None
+        assert node.driver.state.applied_index <= before

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 import gcks.cluster.state as state_module
 from gcks.cluster.commands import (
+    COMMAND_VERSION,
     MAX_REKEY_BATCH,
     CreateGroup,
     DeleteGroup,
@@ -31,7 +32,14 @@ from gcks.cluster.commands import (
     decode_command,
     encode_command,
 )
-from gcks.cluster.state import DEDUPE_LIMIT, ApplyResult, GroupState, Outbound, StateError
+from gcks.cluster.state import (
+    DEDUPE_LIMIT,
+    ApplyResult,
+    GroupState,
+    Outbound,
+    StateError,
+    UpgradeRequired,
+)
 from gcks.member.group import GroupKeys, Outcome
 from gcks.proto.errors import BadSignature, DecryptError, KeyExpired, ProtocolError, UnknownSPI
 from gcks.proto.messages import MAX_TEKS, RekeyBody, decode_message
@@ -732,3 +740,32 @@ def test_a_batch_is_one_audit_record_per_member_and_one_log_line_per_event(
         ["event=leave", "member=m1"],
         ["event=rekey", "member=None"],
     ]
+
+
+def test_an_entry_from_a_newer_version_stops_the_node_there_instead_of_being_skipped() -> None:
+    # Newer nodes apply it: skipping it here would make this node's keys differ
+    # from theirs for good. A malformed entry of our own version is skipped (every
+    # node of this version does the same).
+    cluster = Cluster(nodes=1)
+    state = cluster.state
+    before = state.applied_index
+    newer = msgpack.packb([COMMAND_VERSION + 1, 99, "a field we do not know"])
+    with pytest.raises(UpgradeRequired, match=f"log entry {before + 1} .* newer gcks"):
+        state.apply(before + 1, newer)
+    assert state.applied_index == before
+    malformed = msgpack.packb([COMMAND_VERSION, 99])
+    assert state.apply(before + 1, malformed).rejected is not None
+    assert state.applied_index == before + 1
+
+
+def test_restoring_a_backup_from_a_newer_version_stops_the_node_there() -> None:
+    cluster = Cluster(nodes=1)
+    state = cluster.state
+    fields = msgpack.unpackb(state.snapshot())
+    fields[0] = state_module.SNAPSHOT_FORMAT + 1
+    before = state.applied_index
+    with pytest.raises(UpgradeRequired, match="backup written by a newer gcks"):
+        state.apply(before + 1, encode_command(RestoreState(msgpack.packb(fields), cluster.now)))
+    assert state.applied_index == before
+    with pytest.raises(state_module.NewerSnapshot):
+        GroupState.restore(msgpack.packb(fields))
