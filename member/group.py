@@ -53,8 +53,15 @@ class GroupKeys:
     """Keys and policy of one group as a member holds them (see module doc)."""
 
     def __init__(
-        self, gsa: GsaAnswer, *, signer: Ed25519PrivateKey | None = None, now_ms: int
+        self,
+        gsa: GsaAnswer,
+        *,
+        signer: Ed25519PrivateKey | None = None,
+        now_ms: int,
+        previous: GroupKeys | None = None,
     ) -> None:
+        """`previous`: this member's keys for the group before this GSA (a
+        re-registration); its replay windows carry over for the TEKs kept."""
         self.group = gsa.group
         self.policy: GroupPolicy = gsa.policy
         self.msg_id = gsa.msg_id
@@ -73,6 +80,8 @@ class GroupKeys:
             self._receiver.set_sender_key(sender_id, Ed25519PublicKey.from_public_bytes(key))
         for tek in gsa.teks:
             self._install(tek)
+        if previous is not None and previous.group == self.group:
+            self._receiver.adopt_replay_state(previous._receiver)
         self._signer = signer
         self._sender: DataSender | None = None
         self._refresh_sender(now_ms)

@@ -627,7 +627,7 @@ class Member:
                 # Sign packets only where the policy distributes sender keys:
                 # receivers reject a signature they cannot check.
                 signer = self._signer if answer.policy.source_auth else None
-                keys = GroupKeys(answer, signer=signer, now_ms=self._clock_ms())
+                keys = GroupKeys(answer, signer=signer, now_ms=self._clock_ms(), previous=previous)
             except ProtocolError as exc:
                 raise SessionError(f"node {node_id} sent an unusable GSA: {exc}") from None
         except Refused as exc:

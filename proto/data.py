@@ -257,6 +257,16 @@ class DataReceiver:
             raise ValueError(f"SPI {tek.spi} already names another TEK ({current.tek.fingerprint})")
         self._sas[tek.spi] = _ReceiveSA(tek)
 
+    def adopt_replay_state(self, previous: DataReceiver) -> None:
+        """Take over `previous`'s replay windows for every TEK both hold (same
+        SPI, same key). A member that registers again gets a fresh receiver
+        from its new GSA; without this, packets it accepted before under a TEK
+        that is still valid would be accepted once more."""
+        for spi, sa in self._sas.items():
+            old = previous._sas.get(spi)
+            if old is not None and old.tek.key == sa.tek.key:
+                sa.windows = old.windows
+
     def retire(self, spi: int, *, deactivate_at_ms: int) -> None:
         """Accept packets under `spi` only until `deactivate_at_ms` (never past expiry)."""
         sa = self._sas.get(spi)

@@ -26,7 +26,7 @@ from gcks.member.config import load_member_config
 from gcks.member.datagram import Receiver, data_endpoint, open_multicast_socket
 from gcks.member.member import Event, Member, MemberError, wall_clock_ms
 from gcks.member.ranking import RankingConfig
-from gcks.proto.errors import ProtocolError
+from gcks.proto.errors import ProtocolError, ReplayError
 from gcks.proto.rekey import parse_rekey_header
 from tests.cluster.clusterkit import Kit, free_ports, make_kit
 from tests.faultproxy import FaultProxy
@@ -336,6 +336,10 @@ async def test_member_that_missed_rekeys_detects_the_gap_and_resynchronises(
         steady = await stack.enter_async_context(member(cluster, "m1"))
         # m2 gets no multicast at all, and its node stops pushing to it below.
         lossy = await stack.enter_async_context(member(cluster, "m2", multicast=False))
+        sender = await stack.enter_async_context(member(cluster, "m3", role="sender"))
+        await wait_until(lambda: lossy.gsa.msg_id == cluster.msg_id())
+        seen = sender.protect(b"accepted once")
+        assert lossy.unprotect(seen)[1] == b"accepted once"
         log = EventLog(lossy)
         nursery.start_soon(log.collect)
         start = lossy.gsa.msg_id
@@ -363,6 +367,9 @@ async def test_member_that_missed_rekeys_detects_the_gap_and_resynchronises(
         assert log.of("registered")[-1]["msg_id"] == target
         assert lossy.stats.resyncs == 1
         assert fingerprints(lossy) == fingerprints(steady)
+        # Its new GSA still holds the TEK of that packet: still no replay.
+        with pytest.raises(ReplayError):
+            lossy.unprotect(seen)
         # Registered again, it is pushed the next rekey.
         await cluster.force_rekey()
         await wait_until(lambda: lossy.gsa.msg_id == cluster.msg_id())

@@ -220,6 +220,23 @@ def test_reinstalling_same_tek_keeps_replay_state_and_another_key_is_refused() -
         rx.install(KeySA(TEK.spi, TEK.suite, bytes(32), 0, 10 * NOW))
 
 
+def test_a_fresh_receiver_adopts_the_replay_windows_of_the_teks_it_shares() -> None:
+    # A member that registers again builds a new receiver from its new GSA:
+    # what it accepted before under a TEK it still holds stays unreplayable.
+    old = receiver(TEK, TEK_CHACHA)
+    seen = packet(3)
+    old.unprotect(seen, NOW)
+    old.unprotect(packet(4, tek=TEK_CHACHA), NOW)
+    renamed = KeySA(TEK_CHACHA.spi, TEK_CHACHA.suite, bytes(32), 0, 10 * NOW)  # same SPI, new key
+    fresh = receiver(TEK, renamed)
+    fresh.adopt_replay_state(old)
+    with pytest.raises(ReplayError):
+        fresh.unprotect(seen, NOW)
+    assert fresh.unprotect(packet(2), NOW) == (SENDER, b"data")  # still inside the window
+    rx_seq4 = sender_at(4, tek=renamed).protect(b"new key")
+    assert fresh.unprotect(rx_seq4, NOW) == (SENDER, b"new key")  # another key: fresh windows
+
+
 def test_source_auth_required_rejects_unsigned_packet() -> None:
     with pytest.raises(BadSignature, match="unsigned"):
         receiver(source_auth=True).unprotect(packet(0), NOW)
