@@ -65,7 +65,7 @@ from gcks.member.group import GroupKeys, Outcome
 from gcks.member.probe import ProbeConfig, Prober, open_probe_socket
 from gcks.member.ranking import Choice, Ranking, RankingConfig
 from gcks.member.session import Refused, Session, SessionError
-from gcks.member.tls import member_client_context
+from gcks.member.tls import MemberTls
 from gcks.proto.errors import DecodeError, ProtocolError
 from gcks.proto.messages import ErrorCode, NodeEndpoint
 from gcks.proto.policy import MulticastEndpoint, Role
@@ -161,9 +161,16 @@ class Member:
         multicast does not reach). Raises `MemberTlsError` for unusable TLS files."""
         self.config = config
         self._multicast = multicast
-        self._ctx = ssl_context or member_client_context(
-            cluster_ca=config.tls.cluster_ca, cert=config.tls.cert, key=config.tls.key
-        )
+        # A member process reloads its TLS files when they change; tests and
+        # benchmarks pass one fixed context.
+        self.tls: MemberTls | None = None
+        if ssl_context is None:
+            self.tls = MemberTls(
+                cluster_ca=config.tls.cluster_ca, cert=config.tls.cert, key=config.tls.key
+            )
+            self._tls_context: Callable[[], ssl.SSLContext] = self.tls.context
+        else:
+            self._tls_context = lambda: ssl_context
         if config.discovery is not None:
             dns = config.discovery
             self._discovery = Discovery.dns(
@@ -608,7 +615,7 @@ class Member:
         timeout = self._register_timeout_s
         # A DNS-discovered node is known by the id its probes answered with.
         session = await Session.connect(
-            host, port, self._ctx, expected_node=node_id, timeout_s=timeout
+            host, port, self._tls_context(), expected_node=node_id, timeout_s=timeout
         )
         try:
             previous = self._keys

@@ -10,13 +10,20 @@ nodes are reached by loopback ports, Kubernetes DNS names or NAT'd addresses,
 and the node id in the certificate is the name that matters. Session tickets
 are ignored (no resumption), so every connection checks a certificate.
 
+`MemberTls` rebuilds the context when the files change (a renewal by
+cert-manager or a script), so a long-running member needs no restart.
+
 May import `ssl`, `trio` (types only), `cryptography` and `gcks.proto`; never
 `gcks.cluster` (members do not depend on the node). Never logs key material.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+import os
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +33,8 @@ from cryptography.hazmat.primitives import serialization
 
 from gcks.proto.errors import IdentityError
 from gcks.proto.identity import Identity, Role, require
+
+log = logging.getLogger(__name__)
 
 
 class MemberTlsError(Exception):
@@ -72,6 +81,81 @@ def member_client_context(*, cluster_ca: Path, cert: Path, key: Path) -> ssl.SSL
     except ssl.SSLError:
         raise MemberTlsError("key", f"{key} is not the private key of {cert}") from None
     return ctx
+
+
+class MemberTls:
+    """The member's client context, rebuilt when its files change.
+
+    Checked at each new connection (three `stat` calls). A changed set that
+    cannot be used (half written, a key that does not match, another
+    identity, not valid yet) keeps the current context, is logged once, and
+    is tried again at the next connection."""
+
+    def __init__(
+        self,
+        *,
+        cluster_ca: Path,
+        cert: Path,
+        key: Path,
+        now: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+    ) -> None:
+        """Raises `MemberTlsError` if the files cannot be used at start."""
+        self._paths = (cluster_ca, cert, key)
+        self._now = now
+        self._loaded = _signature(self._paths)
+        self._context = member_client_context(cluster_ca=cluster_ca, cert=cert, key=key)
+        self.identity = certificate_identity(cert)
+        self._refused: tuple[object, ...] | None = None
+        self.reloads = 0
+        self.reload_failures = 0
+
+    def context(self) -> ssl.SSLContext:
+        """The context for the next connection: the files' pair if it changed and
+        can be used, else the current one."""
+        signature = _signature(self._paths)
+        if signature == self._loaded:
+            return self._context
+        cluster_ca, cert, key = self._paths
+        try:
+            context = member_client_context(cluster_ca=cluster_ca, cert=cert, key=key)
+            identity = certificate_identity(cert)
+            if identity != self.identity:
+                raise MemberTlsError("cert", f"{cert} is now of {identity}, not {self.identity}")
+            _check_valid_now(cert, self._now())
+        except MemberTlsError as exc:
+            if signature != self._refused:
+                self._refused = signature
+                self.reload_failures += 1
+                log.warning("new member TLS files not used yet, keeping the current ones: %s", exc)
+            return self._context
+        self._context, self._loaded, self._refused = context, signature, None
+        self.reloads += 1
+        log.info("member certificate of %s reloaded", self.identity)
+        return context
+
+
+def _signature(paths: tuple[Path, ...]) -> tuple[object, ...]:
+    """What changes when a file is replaced or rewritten: inode, mtime, size."""
+    marks: list[object] = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            marks.append(None)  # missing for a moment, mid-update
+        else:
+            marks.append((st.st_ino, st.st_mtime_ns, st.st_size))
+    return tuple(marks)
+
+
+def _check_valid_now(cert: Path, now: dt.datetime) -> None:
+    try:
+        loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise MemberTlsError("cert", f"cannot read {cert}: {exc}") from None
+    if now < loaded.not_valid_before_utc:
+        raise MemberTlsError("cert", f"{cert} is not valid before {loaded.not_valid_before_utc}")
+    if now >= loaded.not_valid_after_utc:
+        raise MemberTlsError("cert", f"{cert} expired at {loaded.not_valid_after_utc}")
 
 
 def certificate_identity(cert: Path) -> Identity:
