@@ -490,7 +490,8 @@ class _Validator:
         if len(self._peers) > MAX_PEERS:
             raise ConfigError("peers", f"at most {MAX_PEERS} nodes")
         entries: dict[str, PeerEntry] = {}
-        seen: dict[Address, str] = {}
+        # Probes are UDP, every other listener TCP: one port number may serve both.
+        seen: dict[tuple[bool, Address], str] = {}
         for peer_id, table in self._peers.items():
             prefix = f"peers.{peer_id}"
             if not is_valid_id(peer_id):
@@ -509,9 +510,10 @@ class _Validator:
                     addresses[key] = Address.parse(_text(value))
                 except (ValueError, TypeError) as exc:
                     raise ConfigError(f"{prefix}.{key}", str(exc)) from None
-                if (other := seen.get(addresses[key])) is not None:
+                where = (key == "probe", addresses[key])
+                if (other := seen.get(where)) is not None:
                     raise ConfigError(f"{prefix}.{key}", f"same address as {other}")
-                seen[addresses[key]] = f"{prefix}.{key}"
+                seen[where] = f"{prefix}.{key}"
             entries[peer_id] = PeerEntry(id=peer_id, **addresses)
         if node_id not in entries:
             raise ConfigError(

@@ -345,7 +345,7 @@ class _Validator:
         if len(self._nodes) > MAX_NODES:
             raise ConfigError("nodes", f"at most {MAX_NODES} nodes")
         endpoints: list[NodeEndpoint] = []
-        seen: dict[str, str] = {}
+        seen: dict[tuple[bool, str], str] = {}
         for index, table in enumerate(self._nodes):
             prefix = f"nodes[{index}]"
             if not isinstance(table, dict):
@@ -368,9 +368,10 @@ class _Validator:
                     raise ConfigError(f"{prefix}.{key}", str(exc)) from None
                 if key == "id":
                     continue
-                if (other := seen.get(values[key])) is not None:
+                where = (key == "probe", values[key])  # UDP probes, TCP registration
+                if (other := seen.get(where)) is not None:
                     raise ConfigError(f"{prefix}.{key}", f"same address as {other}")
-                seen[values[key]] = f"{prefix}.{key}"
+                seen[where] = f"{prefix}.{key}"
             if any(endpoint.node_id == values["id"] for endpoint in endpoints):
                 raise ConfigError(f"{prefix}.id", f"duplicate node id {values['id']!r}")
             endpoints.append(NodeEndpoint(values["id"], values["member"], values["probe"]))

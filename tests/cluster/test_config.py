@@ -374,3 +374,20 @@ def test_every_setting_field_is_a_configurable_key() -> None:
     ]:
         for f in fields(cls):
             assert f"{section}.{f.name}" in KEYS
+
+
+def test_a_probe_may_share_a_port_number_with_a_tcp_listener_but_not_an_address(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    # Probes are UDP, the other listeners TCP: the same number is no conflict.
+    document = _document(pki_dir)
+    document["peers"]["n2"]["probe"] = document["peers"]["n2"]["peer"]
+    config = _load(tmp_path, document)
+    assert config.peers["n2"].probe == config.peers["n2"].peer
+    document["peers"]["n2"]["probe"] = document["peers"]["n1"]["probe"]
+    with pytest.raises(ConfigError, match=r"peers\.n2\.probe: same address as peers\.n1\.probe"):
+        _load(tmp_path, document)
+    document = _document(pki_dir)
+    document["peers"]["n2"]["member"] = document["peers"]["n2"]["peer"]
+    with pytest.raises(ConfigError, match=r"peers\.n2\.member: same address as peers\.n2\.peer"):
+        _load(tmp_path, document)

@@ -249,3 +249,14 @@ def test_toml_syntax_error_and_unreadable_file_are_reported(config_dir: Path) ->
     with pytest.raises(ConfigError) as caught:
         load_member_config(config_dir / "absent.toml", environ={})
     assert caught.value.key == "<file>"
+
+
+def test_a_node_may_probe_on_the_port_number_it_registers_on(config_dir: Path) -> None:
+    # Probes are UDP, registration TCP: the same number is no conflict.
+    document = _document()
+    document["nodes"][0]["probe"] = document["nodes"][0]["member"]
+    config = _load(config_dir, document)
+    assert config.nodes[0].probe_addr == config.nodes[0].member_addr
+    document["nodes"][1]["probe"] = document["nodes"][0]["probe"]
+    error = _error(config_dir, document)
+    assert (error.key, error.message) == ("nodes[1].probe", "same address as nodes[0].probe")
