@@ -89,6 +89,23 @@ class AdminRequest:
         )
 
 
+def _answer_frame(request: AdminRequest, answer: bytes) -> bytes:
+    """The framed answer, or a typed refusal when it is past the frame limit (a
+    snapshot of a very large state): an error for the caller, not an exception
+    that would end the admin listener."""
+    try:
+        return encode_frame(answer, max_size=MAX_ADMIN_FRAME)
+    except ValueError:
+        log.error(
+            "admin %s: the answer is %d bytes, over the %d-byte limit",
+            request.op,
+            len(answer),
+            MAX_ADMIN_FRAME,
+        )
+        error = AdminError("too_large", f"the answer is over {MAX_ADMIN_FRAME} bytes")
+        return encode_frame(encode_error(request.request_id, error), max_size=MAX_ADMIN_FRAME)
+
+
 def encode_answer(request_id: int, result: object) -> bytes:
     return packb([ADMIN_VERSION, request_id, True, result])
 
@@ -183,7 +200,7 @@ class AdminServer:
                     request = AdminRequest.decode(frame)
                     log.info("admin %s: %s", identity.id, request.op)
                     answer = await self._answer(request)
-                    await stream.send_all(encode_frame(answer, max_size=MAX_ADMIN_FRAME))
+                    await stream.send_all(_answer_frame(request, answer))
         except ProtocolError as exc:
             log.warning("admin %s sent a bad frame: %s", identity.id, exc)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import gcks.cluster.admin as admin_module
 from gcks.cluster import admincli
 from gcks.cluster.admin import AdminError, AdminRequest
 from gcks.cluster.admincli import Target
@@ -69,3 +70,23 @@ def test_admin_request_repr_never_shows_a_snapshot_being_restored() -> None:
     assert secret.hex()[:16] not in repr(request)
     assert repr(secret)[2:18] not in repr(request)
     assert AdminRequest.decode(request.encode()) == request
+
+
+async def test_an_answer_past_the_frame_limit_is_a_typed_error_and_the_listener_lives_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A snapshot of a very large state could pass the 1 GiB frame limit; here
+    # the limit is made small enough for a status answer to pass it.
+    kit = make_kit(tmp_path, nodes=1, members=1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nodes = await start_cluster(kit, nursery)
+            await wait_for_group(nodes)
+            full = await admin_call(kit, "n1", "status")
+            with monkeypatch.context() as patch:
+                patch.setattr(admin_module, "MAX_ADMIN_FRAME", 150)
+                with pytest.raises(AdminError) as caught:
+                    await admin_call(kit, "n1", "status")
+            assert caught.value.code == "too_large"
+            assert await admin_call(kit, "n1", "status") == full
+            nursery.cancel_scope.cancel()
