@@ -343,12 +343,20 @@ class Node:
                 "1 if the outbound link to the peer is up.",
                 tuple(Sample(1 if ps.connected else 0, {"peer": pid}) for pid, ps in peers.items()),
             )
-            yield MetricFamily(
-                "gcks_peer_frames_dropped_total",
-                counter,
-                "Frames dropped on a full send queue.",
-                tuple(Sample(ps.frames_dropped, {"peer": pid}) for pid, ps in peers.items()),
-            )
+            for attribute, help_text in (
+                ("frames_dropped", "Frames dropped on a full send queue."),
+                ("frames_sent", "Frames written to the outbound link."),
+                ("bytes_sent", "Bytes written to the outbound link (before TLS)."),
+                ("disconnects", "Outbound links lost."),
+            ):
+                yield MetricFamily(
+                    f"gcks_peer_{attribute}_total",
+                    counter,
+                    help_text,
+                    tuple(
+                        Sample(getattr(ps, attribute), {"peer": pid}) for pid, ps in peers.items()
+                    ),
+                )
 
     def status(self) -> dict[str, Any]:
         """`/status` and `gcks admin cluster status`: the fields external tools parse."""

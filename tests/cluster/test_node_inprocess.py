@@ -251,3 +251,22 @@ async def test_an_entry_from_a_newer_version_stops_each_node_that_reaches_it(
     for node in nodes.values():
         assert node.driver is not None
         assert node.driver.state.applied_index <= before
+
+
+async def test_metrics_count_what_each_peer_link_carries(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        await wait_for_group(nodes)
+        await register(kit, "m1", "n2")
+        # The leader replicates to both others (followers talk to the leader only).
+        leader = next(n for n in nodes.values() if n.status()["role"] == "leader")
+        families = {family.name: family for family in leader.metrics()}
+        others = set(kit.node_ids) - {leader.config.node_id}
+        for name in ("gcks_peer_frames_sent_total", "gcks_peer_bytes_sent_total"):
+            samples = {s.labels["peer"]: s.value for s in families[name].samples}
+            assert set(samples) == others
+            assert all(value > 0 for value in samples.values()), name
+        disconnects = families["gcks_peer_disconnects_total"].samples
+        assert {s.labels["peer"] for s in disconnects} == others
+        nursery.cancel_scope.cancel()
