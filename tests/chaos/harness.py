@@ -127,6 +127,8 @@ class _Run:
             snapshot_entries=config.snapshot_entries,
             group=group,
             peer_address=lambda a, b: f"127.0.0.1:{self.peer_ports[(a, b)]}",
+            # Not bound until the proxy starts: the nodes' ports must not reuse them.
+            avoid_ports=ports,
         )
         self.cluster = ProcessCluster(self.kit)
         self.deaths: set[tuple[str, int]] = set()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,14 +36,16 @@ GROUP = {
 }
 
 
-def free_ports(n: int) -> list[int]:
-    """Distinct free TCP/UDP ports on 127.0.0.1 (bound then released: a small race)."""
+def free_ports(n: int, avoid: Collection[int] = ()) -> list[int]:
+    """Distinct free TCP/UDP ports on 127.0.0.1 (bound then released: a small race),
+    none of them in `avoid` (ports handed out earlier and not bound yet)."""
     socks, ports = [], []
-    for _ in range(n):
+    while len(ports) < n:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.bind(("127.0.0.1", 0))
         socks.append(s)
-        ports.append(s.getsockname()[1])
+        if (port := s.getsockname()[1]) not in avoid:
+            ports.append(port)
     for s in socks:
         s.close()
     return ports
@@ -75,15 +77,17 @@ def make_kit(
     snapshot_entries: int = 10_000,
     group: dict[str, object] | None = None,
     peer_address: Callable[[str, str], str] | None = None,
+    avoid_ports: Collection[int] = (),
 ) -> Kit:
     """`peer_address(from_node, to_node)`, if given, is the "HOST:PORT" that
     `from_node` dials to reach `to_node`'s peer port (a fault proxy per ordered
-    pair in chaos tests); every other address stays the same on every node."""
+    pair in chaos tests); every other address stays the same on every node.
+    `avoid_ports`: ports the caller handed out itself (the proxies')."""
     node_ids = [f"n{i}" for i in range(1, nodes + 1)]
     member_ids = [f"m{i}" for i in range(1, members + 1)]
     pki.pki_init(root / "pki", nodes=node_ids, members=member_ids, admins=["admin"])
     write_storage_key_file(root / "storage.key")
-    numbers = free_ports(5 * nodes + 1)
+    numbers = free_ports(5 * nodes + 1, avoid_ports)
     ports = {
         nid: dict(zip(("peer", "member", "probe", "ops", "admin"), numbers[5 * i : 5 * i + 5]))
         for i, nid in enumerate(node_ids)
