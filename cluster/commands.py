@@ -241,14 +241,8 @@ def decode_command(data: bytes) -> Command:
     )
     return Rekey(
         group=read_str(group, "Rekey.group", 64, GROUP_ID_PATTERN),
-        joins=tuple(
-            read_join(item, f"Rekey.joins[{i}]")
-            for i, item in enumerate(read_list(joins, "Rekey.joins", MAX_BATCH))
-        ),
-        leaves=tuple(
-            read_leave(item, f"Rekey.leaves[{i}]")
-            for i, item in enumerate(read_list(leaves, "Rekey.leaves", MAX_BATCH))
-        ),
+        joins=read_joins(joins, "Rekey.joins", MAX_BATCH),
+        leaves=read_leaves(leaves, "Rekey.leaves", MAX_BATCH),
         tree_seed=read_bytes(tree_seed, "Rekey.tree_seed", SEED_SIZE, SEED_SIZE),
         tek_key=read_optional(tek_key, "Rekey.tek_key", read_bytes, KEY_SIZE, KEY_SIZE),
         refresh_kek=read_bool(refresh_kek, "Rekey.refresh_kek"),
@@ -272,7 +266,7 @@ def leave_fields(leave: Leave) -> list[object]:
     return [leave.member_id, leave.reason.value, leave.tag]
 
 
-def read_join(value: object, name: str) -> Join:
+def _read_join(value: object, name: str) -> Join:
     fields = read_list(value, name, 4, min_items=3)  # 3: logged before request tags
     member_id, role, sender_key, tag = (*fields, 0) if len(fields) == 3 else fields
     return Join(
@@ -285,11 +279,21 @@ def read_join(value: object, name: str) -> Join:
     )
 
 
+def read_joins(value: object, name: str, max_items: int) -> tuple[Join, ...]:
+    items = read_list(value, name, max_items)
+    return tuple(_read_join(item, f"{name}[{i}]") for i, item in enumerate(items))
+
+
+def read_leaves(value: object, name: str, max_items: int) -> tuple[Leave, ...]:
+    items = read_list(value, name, max_items)
+    return tuple(_read_leave(item, f"{name}[{i}]") for i, item in enumerate(items))
+
+
 def read_request_tag(value: object, name: str) -> int:
     return read_int(value, name, 1, MAX_REQUEST_TAG)
 
 
-def read_leave(value: object, name: str) -> Leave:
+def _read_leave(value: object, name: str) -> Leave:
     fields = read_list(value, name, 3, min_items=2)  # 2: logged before request tags
     member_id, reason, tag = (*fields, 0) if len(fields) == 2 else fields
     return Leave(

@@ -31,14 +31,14 @@ from gcks.cluster.commands import (
     Leave,
     join_fields,
     leave_fields,
-    read_join,
-    read_leave,
+    read_joins,
+    read_leaves,
     read_request_tag,
 )
 from gcks.proto.codec import packb, unpackb
 from gcks.proto.errors import DecodeError
 from gcks.proto.policy import GROUP_ID_PATTERN
-from gcks.proto.schema import read_int, read_list, read_record, read_str
+from gcks.proto.schema import read_int, read_record, read_str
 
 VERSION: Final = 1
 MAX_REQUEST_BYTES: Final = 256 * 1024  # a full batch of joins with sender keys fits
@@ -75,12 +75,6 @@ def decode_request(data: bytes) -> MembershipRequest:
     return MembershipRequest(
         tag=read_request_tag(tag, "MembershipRequest.tag"),
         group=read_str(group, "MembershipRequest.group", 64, GROUP_ID_PATTERN),
-        joins=tuple(
-            read_join(item, f"MembershipRequest.joins[{i}]")
-            for i, item in enumerate(read_list(joins, "MembershipRequest.joins", MAX_REKEY_BATCH))
-        ),
-        leaves=tuple(
-            read_leave(item, f"MembershipRequest.leaves[{i}]")
-            for i, item in enumerate(read_list(leaves, "MembershipRequest.leaves", MAX_REKEY_BATCH))
-        ),
+        joins=read_joins(joins, "MembershipRequest.joins", MAX_REKEY_BATCH),
+        leaves=read_leaves(leaves, "MembershipRequest.leaves", MAX_REKEY_BATCH),
     )

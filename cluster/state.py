@@ -646,7 +646,8 @@ class GroupState:
         for record in joined:
             event = "join" if record.member_id in tree_joins else "rejoin"
             events.setdefault(event, []).append(record.member_id)
-        events.setdefault("rejoin", []).extend(rejoined)
+        if rejoined:
+            events.setdefault("rejoin", []).extend(rejoined)
         for mid, why in leaving.items():
             events.setdefault(_LEAVE_EVENT[why], []).append(mid)
         for event, members in events.items():
@@ -724,20 +725,15 @@ class GroupState:
         time_ms: int,
         group: str,
         event: str,
-        member: str | Sequence[str] | None,
+        members: Sequence[str] | None,
         detail: str,
     ) -> None:
         """One audit record per member (or one without), and one log line for
         them all: a batch of joins is one line, `member=m1,m2,...`, not one per
         member on every node."""
-        members: Sequence[str | None] = (
-            [member] if member is None or isinstance(member, str) else member
-        )
-        if not members:
-            return
-        for one in members:
-            self._audit.append(AuditRecord(index, time_ms, group, event, one, detail))
-        listed = ",".join(m for m in members if m is not None) or None
+        for member in members or (None,):
+            self._audit.append(AuditRecord(index, time_ms, group, event, member, detail))
+        listed = ",".join(members) if members else None
         log.info(
             "audit index=%d group=%s event=%s member=%s %s", index, group, event, listed, detail
         )

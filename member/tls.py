@@ -104,7 +104,7 @@ class MemberTls:
         self._now = now
         self._loaded = _signature(self._paths)
         self._context = member_client_context(cluster_ca=cluster_ca, cert=cert, key=key)
-        self.identity = certificate_identity(cert)
+        self.identity = _identity(read_certificate(cert), cert)
         self._refused: tuple[object, ...] | None = None
         self.reloads = 0
         self.reload_failures = 0
@@ -118,10 +118,15 @@ class MemberTls:
         cluster_ca, cert, key = self._paths
         try:
             context = member_client_context(cluster_ca=cluster_ca, cert=cert, key=key)
-            identity = certificate_identity(cert)
+            loaded = read_certificate(cert)
+            identity = _identity(loaded, cert)
             if identity != self.identity:
                 raise MemberTlsError("cert", f"{cert} is now of {identity}, not {self.identity}")
-            _check_valid_now(cert, self._now())
+            now, start, end = self._now(), loaded.not_valid_before_utc, loaded.not_valid_after_utc
+            if now < start:
+                raise MemberTlsError("cert", f"{cert} is not valid before {start}")
+            if now >= end:
+                raise MemberTlsError("cert", f"{cert} expired at {end}")
         except MemberTlsError as exc:
             if signature != self._refused:
                 self._refused = signature
@@ -147,25 +152,22 @@ def _signature(paths: tuple[Path, ...]) -> tuple[object, ...]:
     return tuple(marks)
 
 
-def _check_valid_now(cert: Path, now: dt.datetime) -> None:
+def read_certificate(cert: Path) -> x509.Certificate:
+    """The PEM certificate file `cert`; `MemberTlsError` if unreadable or not PEM."""
     try:
-        loaded = x509.load_pem_x509_certificate(cert.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise MemberTlsError("cert", f"cannot read {cert}: {exc}") from None
-    if now < loaded.not_valid_before_utc:
-        raise MemberTlsError("cert", f"{cert} is not valid before {loaded.not_valid_before_utc}")
-    if now >= loaded.not_valid_after_utc:
-        raise MemberTlsError("cert", f"{cert} expired at {loaded.not_valid_after_utc}")
-
-
-def certificate_identity(cert: Path) -> Identity:
-    """The gcks identity carried by the PEM certificate file `cert`."""
-    try:
-        loaded = x509.load_pem_x509_certificate(cert.read_bytes())
+        return x509.load_pem_x509_certificate(cert.read_bytes())
     except OSError as exc:
         raise MemberTlsError("cert", f"cannot read {cert}: {exc.strerror or exc}") from None
     except ValueError:
         raise MemberTlsError("cert", f"{cert} is not a PEM certificate") from None
+
+
+def certificate_identity(cert: Path) -> Identity:
+    """The gcks identity carried by the PEM certificate file `cert`."""
+    return _identity(read_certificate(cert), cert)
+
+
+def _identity(loaded: x509.Certificate, cert: Path) -> Identity:
     try:
         return Identity.from_certificate(loaded)
     except IdentityError as exc:
