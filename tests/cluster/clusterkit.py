@@ -165,12 +165,17 @@ async def admin_call(kit: Kit, node_id: str, op: str, args: dict[str, object] | 
         await client.aclose()
 
 
-async def register(kit: Kit, member_id: str, node_id: str, role: Role = Role.RECEIVER) -> GsaAnswer:
-    """Register `member_id` at `node_id` over a fresh TLS connection and close it."""
+async def connect(kit: Kit, member_id: str, node_id: str) -> Session:
+    """A registration connection of `member_id` to `node_id` (the caller closes it)."""
     ca, crt, key = kit.member_files(member_id)
     ctx = member_client_context(cluster_ca=ca, cert=crt, key=key)
     port = kit.ports[node_id]["member"]
-    session = await Session.connect("127.0.0.1", port, ctx, expected_node=node_id, timeout_s=5)
+    return await Session.connect("127.0.0.1", port, ctx, expected_node=node_id, timeout_s=5)
+
+
+async def register(kit: Kit, member_id: str, node_id: str, role: Role = Role.RECEIVER) -> GsaAnswer:
+    """Register `member_id` at `node_id` over a fresh TLS connection and close it."""
+    session = await connect(kit, member_id, node_id)
     try:
         return await session.register("demo", role, last_msg_id=0, sender_key=None, timeout_s=15)
     finally:

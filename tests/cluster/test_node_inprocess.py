@@ -18,12 +18,11 @@ from gcks.cluster.config import load_config
 from gcks.cluster.driver import NoQuorum
 from gcks.cluster.node import Node
 from gcks.cluster.state import UpgradeRequired
-from gcks.member.session import Refused, Session
-from gcks.member.tls import member_client_context
+from gcks.member.session import Refused
 from gcks.proto.codec import packb
 from gcks.proto.messages import GsaAnswer
 from gcks.proto.policy import Role
-from tests.cluster.clusterkit import Kit, admin_call, make_kit, register
+from tests.cluster.clusterkit import Kit, admin_call, connect, make_kit, register
 
 
 async def start_cluster(kit: Kit, nursery: trio.Nursery) -> dict[str, Node]:
@@ -112,10 +111,7 @@ async def test_a_new_member_is_pushed_the_entries_after_its_gsa_not_the_one_in_i
         await wait_for_group(nodes)
         registrar = nodes["n1"].registrar
         assert registrar is not None
-        ca, crt, key = kit.member_files("m1")
-        context = member_client_context(cluster_ca=ca, cert=crt, key=key)
-        port = kit.ports["n1"]["member"]
-        session = await Session.connect("127.0.0.1", port, context, expected_node="n1", timeout_s=5)
+        session = await connect(kit, "m1", "n1")
         try:
             first = await session.register(
                 "demo", Role.RECEIVER, last_msg_id=0, sender_key=None, timeout_s=15

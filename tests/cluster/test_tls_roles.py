@@ -8,8 +8,6 @@ import ssl
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,10 +16,7 @@ import gcks.member.tls as member_tls
 from gcks.cluster import pki, tls
 from gcks.proto.errors import IdentityError, ProtocolError
 from gcks.proto.identity import Identity, Role, require
-
-Side = trio.SSLStream[
-    trio.StapledStream[trio.testing.MemorySendStream, trio.testing.MemoryReceiveStream]
-]
+from tests.tlspipe import handshake
 
 
 @pytest.fixture(scope="module")
@@ -38,30 +33,6 @@ def _files(layout: pki.PkiLayout, role: Role, ident: str) -> dict[str, Path]:
 
 def _cluster_ca(layout: pki.PkiLayout) -> Path:
     return layout.cluster_ca.cert_path
-
-
-async def _handshake(
-    server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext
-) -> tuple[Side | None, Side | None]:
-    """Handshake over an in-memory pipe; each side is its stream, or None if it failed."""
-    left, right = trio.testing.memory_stream_pair()
-    server = trio.SSLStream(left, server_ctx, server_side=True)
-    client = trio.SSLStream(right, client_ctx, server_hostname=None)
-    done: dict[str, Side | None] = {}
-
-    async def shake(name: str, stream: Side) -> None:
-        try:
-            await stream.do_handshake()
-            done[name] = stream
-        except trio.BrokenResourceError:
-            done[name] = None
-            await trio.aclose_forcefully(stream)
-
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(shake, "server", server)
-            nursery.start_soon(shake, "client", client)
-    return done["server"], done["client"]
 
 
 def _node_client(layout: pki.PkiLayout, ident: str = "n2") -> ssl.SSLContext:
@@ -130,13 +101,13 @@ async def test_a_tls12_client_is_refused(layout: pki.PkiLayout) -> None:
     old.load_verify_locations(cafile=str(_cluster_ca(layout)))
     files = _files(layout, Role.NODE, "n2")
     old.load_cert_chain(certfile=str(files["cert"]), keyfile=str(files["key"]))
-    server, client = await _handshake(_peer_server(layout), old)
+    server, client = await handshake(_peer_server(layout), old)
     assert server is None
     assert client is None
 
 
 async def test_node_to_node_handshake_yields_both_node_identities(layout: pki.PkiLayout) -> None:
-    server, client = await _handshake(_peer_server(layout), _node_client(layout))
+    server, client = await handshake(_peer_server(layout), _node_client(layout))
     assert server is not None
     assert client is not None
     assert server.version() == "TLSv1.3"
@@ -147,21 +118,21 @@ async def test_node_to_node_handshake_yields_both_node_identities(layout: pki.Pk
 async def test_a_member_certificate_does_not_even_chain_at_the_peer_listener(
     layout: pki.PkiLayout,
 ) -> None:
-    server, _ = await _handshake(_peer_server(layout), _member_cert_as_node_client(layout))
+    server, _ = await handshake(_peer_server(layout), _member_cert_as_node_client(layout))
     assert server is None
 
 
 async def test_an_admin_certificate_chains_but_never_passes_as_a_node(
     layout: pki.PkiLayout,
 ) -> None:
-    server, _ = await _handshake(_peer_server(layout), _admin_client(layout))
+    server, _ = await handshake(_peer_server(layout), _admin_client(layout))
     assert server is not None
     with pytest.raises(IdentityError, match="requires role node"):
         tls.verify_peer(server, Role.NODE)
 
 
 async def test_an_unknown_node_id_is_refused(layout: pki.PkiLayout) -> None:
-    server, _ = await _handshake(_peer_server(layout), _node_client(layout, "n2"))
+    server, _ = await handshake(_peer_server(layout), _node_client(layout, "n2"))
     assert server is not None
     with pytest.raises(IdentityError, match="not a configured node"):
         tls.verify_peer(server, Role.NODE, allowed_ids={"n3"})
@@ -170,7 +141,7 @@ async def test_an_unknown_node_id_is_refused(layout: pki.PkiLayout) -> None:
 async def test_the_member_listener_accepts_members_and_no_one_else(
     layout: pki.PkiLayout,
 ) -> None:
-    server, client = await _handshake(_member_server(layout), _member_client(layout))
+    server, client = await handshake(_member_server(layout), _member_client(layout))
     assert server is not None
     assert client is not None
     assert tls.verify_peer(server, Role.MEMBER) == Identity(Role.MEMBER, "m1")
@@ -178,28 +149,28 @@ async def test_the_member_listener_accepts_members_and_no_one_else(
     # Node and admin certificates come from the cluster CA, which the member listener
     # does not trust at all.
     for other in (_node_client(layout), _admin_client(layout)):
-        server, _ = await _handshake(_member_server(layout), other)
+        server, _ = await handshake(_member_server(layout), other)
         assert server is None
 
 
 async def test_the_admin_listener_accepts_admins_and_refuses_nodes_and_members(
     layout: pki.PkiLayout,
 ) -> None:
-    server, _ = await _handshake(_admin_server(layout), _admin_client(layout))
+    server, _ = await handshake(_admin_server(layout), _admin_client(layout))
     assert server is not None
     assert tls.verify_peer(server, Role.ADMIN) == Identity(Role.ADMIN, "alice")
-    server, _ = await _handshake(_admin_server(layout), _node_client(layout))
+    server, _ = await handshake(_admin_server(layout), _node_client(layout))
     assert server is not None
     with pytest.raises(IdentityError):
         tls.verify_peer(server, Role.ADMIN)
-    server, _ = await _handshake(_admin_server(layout), _member_cert_as_node_client(layout))
+    server, _ = await handshake(_admin_server(layout), _member_cert_as_node_client(layout))
     assert server is None
 
 
 async def test_a_member_refuses_a_server_that_is_not_the_expected_node(
     layout: pki.PkiLayout,
 ) -> None:
-    _, client = await _handshake(_member_server(layout), _member_client(layout))
+    _, client = await handshake(_member_server(layout), _member_client(layout))
     assert client is not None
     with pytest.raises(IdentityError, match="node:n2 was expected"):
         member_tls.verify_node(client, expected_id="n2")

@@ -24,6 +24,7 @@ from gcks.cluster.tls import TlsSetupError
 from gcks.cluster.tlsreload import NodeTls, watch
 from gcks.member.tls import member_client_context
 from gcks.proto.identity import Role
+from tests.tlspipe import handshake, peer_certificate
 
 
 class _Pki:
@@ -67,16 +68,9 @@ async def _presented(node_tls: NodeTls, certs: _Pki) -> bytes:
         certs.layout.cluster_ca.cert_path,
         *pki.cert_paths(certs.root / "main", Role.MEMBER, "m1"),
     )
-    client_end, server_end = trio.testing.memory_stream_pair()
-    client = trio.SSLStream(client_end, member_client_context(cluster_ca=ca, cert=crt, key=key))
-    server = trio.SSLStream(server_end, node_tls.member_server, server_side=True)
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.do_handshake)
-            await client.do_handshake()
-    der = client.getpeercert(binary_form=True)
-    assert der is not None
-    return der
+    client_context = member_client_context(cluster_ca=ca, cert=crt, key=key)
+    _, client = await handshake(node_tls.member_server, client_context)
+    return peer_certificate(client)
 
 
 def _der(issued: pki.IssuedCertificate) -> bytes:

@@ -7,14 +7,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-import trio
-import trio.testing
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from gcks.cluster import pki
 from gcks.cluster.tls import member_server_context
 from gcks.member.tls import MemberTls
 from gcks.proto.identity import Role
+from tests.tlspipe import handshake, peer_certificate
 
 
 class _Files:
@@ -47,16 +46,8 @@ class _Files:
         server_context = member_server_context(
             member_ca=self.layout.member_ca.cert_path, cert=crt, key=key
         )
-        client_end, server_end = trio.testing.memory_stream_pair()
-        client = trio.SSLStream(client_end, tls.context())
-        server = trio.SSLStream(server_end, server_context, server_side=True)
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(client.do_handshake)
-                await server.do_handshake()
-        der = server.getpeercert(binary_form=True)
-        assert der is not None
-        return der
+        server, _ = await handshake(server_context, tls.context())
+        return peer_certificate(server)
 
 
 def _der(issued: pki.IssuedCertificate) -> bytes:
