@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import ssl
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Sequence
-from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,13 +79,99 @@ class RegistrarStats:
     pushes_dropped: int = 0
 
 
-class _MemberLink:
-    """One member connection: its identity, groups and bounded push queue."""
+class _FrameWriter:
+    """The outgoing side of one member connection: answers and pushes, in order.
 
-    def __init__(self, member_id: str, queue_size: int) -> None:
+    It holds no task while idle. Whoever finds it idle writes: the reader its
+    answer (in line), or a short task that the first queued push starts in the
+    connection's nursery. Frames queued meanwhile go out with the write in
+    progress, joined into one TLS record and one syscall. A member that reads
+    nothing for `timeout_s`, or a write that fails, ends the connection
+    (`connection` is cancelled); a member too far behind misses pushes (it
+    notices the gap and resyncs) instead of growing the queue without bound.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.SendStream,
+        nursery: trio.Nursery,
+        member_id: str,
+        *,
+        queue_size: int,
+        timeout_s: float,
+    ) -> None:
+        self._stream = stream
+        self._nursery = nursery
+        self._member_id = member_id
+        self._queue_size = queue_size
+        self._timeout_s = timeout_s
+        self._queue: deque[bytes] = deque()
+        self._written: trio.Event | None = None  # set when the write in progress ends
+        self._closed = False
+
+    def push(self, frame: bytes) -> bool:
+        """Queue a push without waiting; False if it was dropped (queue full, connection ending)."""
+        if self._closed or len(self._queue) >= self._queue_size:
+            return False
+        self._queue.append(frame)
+        if self._written is None:
+            self._written = trio.Event()
+            self._nursery.start_soon(self._write_queued)
+        return True
+
+    async def send(self, frame: bytes) -> None:
+        """Write an answer, after the frames queued before it. The reader waits
+        here, so a member that sends requests but reads nothing stalls itself."""
+        if self._closed:
+            return  # the connection is ending
+        self._queue.append(frame)
+        if self._written is not None:
+            await self._written.wait()  # the write in progress takes it along
+            return
+        self._written = trio.Event()
+        await self._write_queued()
+
+    async def _write_queued(self) -> None:
+        try:
+            # One scope for all the queued writes, armed per write: cheaper than
+            # a fresh `fail_after` per frame.
+            with trio.CancelScope() as deadline:
+                while self._queue:
+                    frames = [self._queue.popleft()]
+                    size = len(frames[0])
+                    while self._queue and size < _COALESCE_BYTES:
+                        frames.append(self._queue.popleft())
+                        size += len(frames[-1])
+                    deadline.deadline = trio.current_time() + self._timeout_s
+                    await self._stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+            if deadline.cancelled_caught:
+                log.warning("member %s reads nothing, connection dropped", self._member_id)
+                self._fail()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("member %s: connection lost while writing: %s", self._member_id, _reason(exc))
+            self._fail()
+        finally:
+            written, self._written = self._written, None
+            assert written is not None
+            written.set()
+
+    def close(self) -> None:
+        """Refuse pushes from now on (the connection is ending)."""
+        self._closed = True
+        self._queue.clear()
+
+    def _fail(self) -> None:
+        self.close()
+        self._nursery.cancel_scope.cancel()
+
+
+class _MemberLink:
+    """One member connection: its identity, groups and outgoing frames."""
+
+    def __init__(self, member_id: str, writer: _FrameWriter) -> None:
         self.member_id = member_id
         self.groups: set[str] = set()
-        self.send, self.outgoing = trio.open_memory_channel[bytes](queue_size)
+        self.writer = writer
 
 
 class Registrar:
@@ -131,10 +215,9 @@ class Registrar:
         """Queue a rekey datagram to every member attached for its group."""
         frame = encode_frame(RekeyPush(outbound.datagram).encode())
         for link in tuple(self._attached.get(outbound.group, ())):
-            try:
-                link.send.send_nowait(frame)
+            if link.writer.push(frame):
                 self.stats.pushes += 1
-            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+            else:
                 # A member that cannot keep up misses this copy; the gap makes
                 # it re-register, which is cheaper than unbounded buffering.
                 self.stats.pushes_dropped += 1
@@ -192,45 +275,41 @@ class Registrar:
             self.stats.refused += 1
             log.warning("member connection from %s refused: %s", remote, exc)
             return
-        link = _MemberLink(identity.id, self._settings.push_queue)
         log.debug("member %s connected from %s", identity.id, remote)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._writer, stream, link, nursery.cancel_scope)
-                await self._reader(stream, link)
-                nursery.cancel_scope.cancel()
+            # The nursery holds a push's write while the reader waits for requests.
+            async with trio.open_nursery() as connection:
+                writer = _FrameWriter(
+                    stream,
+                    connection,
+                    identity.id,
+                    queue_size=self._settings.push_queue,
+                    timeout_s=self._settings.write_timeout_s,
+                )
+                link = _MemberLink(identity.id, writer)
+                try:
+                    await self._reader(stream, link)
+                finally:
+                    self._forget(link)
+                    writer.close()  # before the nursery closes: no push starts a write
+                    connection.cancel_scope.cancel()  # a push still being written
         finally:
-            for group in link.groups:
-                self._attached[group].discard(link)
             await trio.aclose_forcefully(stream)
             log.debug("member %s disconnected", identity.id)
 
-    async def _writer(
-        self, stream: trio.SSLStream[Any], link: _MemberLink, connection: trio.CancelScope
-    ) -> None:
-        # One scope for the connection's life, armed only while a write is in
-        # progress: cheaper than a fresh `fail_after` per frame.
-        deadline = trio.CancelScope()
-        try:
-            with deadline:
-                async for frame in link.outgoing:
-                    # Frames queued meanwhile (pushes behind an answer) go out
-                    # in the same write: one TLS record and one syscall.
-                    frames, size = [frame], len(frame)
-                    with suppress(trio.WouldBlock, trio.EndOfChannel):
-                        while size < _COALESCE_BYTES:
-                            frames.append(link.outgoing.receive_nowait())
-                            size += len(frames[-1])
-                    deadline.deadline = trio.current_time() + self._settings.write_timeout_s
-                    await stream.send_all(b"".join(frames) if len(frames) > 1 else frame)
-                    deadline.deadline = math.inf
-            if deadline.cancelled_caught:
-                log.warning("member %s reads nothing, connection dropped", link.member_id)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("member %s: connection lost while writing: %s", link.member_id, _reason(exc))
-        finally:
-            # Without the writer, a full queue would block the reader for good.
-            connection.cancel()
+    def _forget(self, link: _MemberLink) -> None:
+        """A closed connection gets no more pushes, even from a join still to apply."""
+        for group in link.groups:
+            self._unlink(link, group)
+
+    def _unlink(self, link: _MemberLink, group: str) -> None:
+        self._attached[group].discard(link)
+        key = (group, link.member_id)
+        pending = self._pending.get(key)
+        if pending is not None:
+            pending.discard(link)
+            if not pending:
+                del self._pending[key]
 
     async def _reader(self, stream: trio.SSLStream[Any], link: _MemberLink) -> None:
         decoder = FrameDecoder(MAX_REQUEST_FRAME)
@@ -243,7 +322,7 @@ class Registrar:
                 for frame in decoder:
                     message = decode_message(frame)
                     answer = await self._dispatch(link, message)
-                    await link.send.send(_answer_frame(link, answer))
+                    await link.writer.send(_answer_frame(link, answer))
         except ProtocolError as exc:
             self.stats.bad_frames += 1
             log.warning("member %s sent a bad frame, connection dropped: %s", link.member_id, exc)
@@ -269,10 +348,7 @@ class Registrar:
         def error(code: ErrorCode, text: str, hint: str | None = None) -> ErrorAnswer:
             if newly_attached:
                 link.groups.discard(req.group)
-                self._attached[req.group].discard(link)
-                self._pending[(req.group, member_id)].discard(link)
-                if not self._pending[(req.group, member_id)]:
-                    del self._pending[(req.group, member_id)]
+                self._unlink(link, req.group)
             self.stats.registration_errors += 1
             log.info("registration of %s to %s refused: %s", member_id, req.group, text)
             return ErrorAnswer(req.request_id, code, text, hint)

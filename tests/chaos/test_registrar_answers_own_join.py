@@ -83,7 +83,7 @@ async def test_registration_whose_own_join_was_skipped_is_refused_not_answered_s
         cast(Any, Driver(state)), cast(Any, None), (), cast(Any, None), RegistrarSettings()
     )
     registrar._rekeyer = cast(Any, ScriptedRekeyer(registrar, state))
-    link = _MemberLink("m2", 4)
+    link = _MemberLink("m2", cast(Any, None))
     answer = await registrar._register(link, RegisterRequest("demo", Role.RECEIVER, 3, 7, None))
     assert state.is_banned("demo", "m2")
     assert isinstance(answer, ErrorAnswer), f"answered with a GSA at message {answer.msg_id}"
@@ -106,7 +106,7 @@ async def test_registration_is_answered_with_the_gsa_of_its_own_commit() -> None
 
     registrar._rekeyer = cast(Any, Rejoin(registrar, state))
     answer = await registrar._register(
-        _MemberLink("m2", 4), RegisterRequest("demo", Role.RECEIVER, 3, 7, None)
+        _MemberLink("m2", cast(Any, None)), RegisterRequest("demo", Role.RECEIVER, 3, 7, None)
     )
     assert isinstance(answer, GsaAnswer)
     assert answer.msg_id == state.msg_id("demo")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 import trio
@@ -16,7 +17,7 @@ import trio.testing
 
 from gcks.cluster import pki, tls
 from gcks.cluster.config import Address
-from gcks.cluster.registrar import Registrar, RegistrarSettings, _MemberLink
+from gcks.cluster.registrar import Registrar, RegistrarSettings, _FrameWriter, _MemberLink
 from gcks.cluster.state import ApplyResult
 from gcks.member.tls import member_client_context
 from gcks.proto.codec import encode_frame
@@ -45,19 +46,29 @@ def _registrar(settings: RegistrarSettings, root: Path | None = None) -> Registr
     return Registrar(None, None, (), context, settings)  # type: ignore[arg-type]
 
 
+def _writer(stream: object, nursery: trio.Nursery, queue_size: int = 4) -> _FrameWriter:
+    return _FrameWriter(
+        stream,  # type: ignore[arg-type]
+        nursery,
+        "m1",
+        queue_size=queue_size,
+        timeout_s=7.0,
+    )
+
+
 async def test_member_that_stops_reading_is_cut_off_after_the_write_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    registrar = _registrar(RegistrarSettings(write_timeout_s=7.0))
     _client, server = trio.testing.lockstep_stream_pair()  # nobody reads `_client`
-    link = _MemberLink("m1", 4)
-    link.send.send_nowait(b"a rekey push")
-    connection = trio.CancelScope()
     start = trio.current_time()
     with trio.fail_after(60):
-        await registrar._writer(server, link, connection)  # type: ignore[arg-type]
+        async with trio.open_nursery() as connection:
+            writer = _writer(server, connection)
+            assert writer.push(b"a rekey push")
+            await trio.sleep_forever()  # the reader, waiting for a request
+    assert connection.cancel_scope.cancel_called, "the connection ends with the stalled write"
     assert trio.current_time() - start == pytest.approx(7.0)
-    assert connection.cancel_called, "the reader must not wait on a queue nobody drains"
+    assert not writer.push(b"another push"), "a cut-off member gets nothing more"
 
 
 class _RecordingStream:
@@ -71,25 +82,49 @@ class _RecordingStream:
         await trio.lowlevel.checkpoint()
 
 
-async def test_writer_sends_queued_frames_in_order_in_one_write_and_idles_without_a_deadline(
+async def test_pushes_queued_together_go_out_in_order_in_one_write_and_idle_without_a_deadline(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    registrar = _registrar(RegistrarSettings(write_timeout_s=7.0))
     stream = _RecordingStream()
-    link = _MemberLink("m1", 8)
-    for frame in (b"answer", b"push-1", b"push-2"):
-        link.send.send_nowait(frame)
-    connection = trio.CancelScope()
     with trio.fail_after(600):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(registrar._writer, stream, link, connection)
+        async with trio.open_nursery() as connection:
+            writer = _writer(stream, connection, queue_size=8)
+            for frame in (b"push-1", b"push-2", b"push-3"):
+                assert writer.push(frame)
             await trio.sleep(70.0)  # ten write deadlines of idling: no cut-off
-            assert stream.writes == [b"answerpush-1push-2"]
-            assert not connection.cancel_called
-            link.send.send_nowait(b"push-3")
+            assert stream.writes == [b"push-1push-2push-3"]
+            assert not connection.cancel_scope.cancel_called
+            assert writer.push(b"push-4")
             await trio.sleep(1.0)
-            assert stream.writes[1:] == [b"push-3"]
-            nursery.cancel_scope.cancel()
+            assert stream.writes[1:] == [b"push-4"]
+            connection.cancel_scope.cancel()
+
+
+async def test_an_answer_is_written_by_the_reader_itself_when_no_push_is_in_flight() -> None:
+    stream = _RecordingStream()
+    async with trio.open_nursery() as connection:
+        writer = _writer(stream, connection)
+        await writer.send(b"answer")
+        assert stream.writes == [b"answer"], "written before `send` returns"
+        assert not connection.child_tasks, "no task started for it"
+
+
+async def test_an_answer_waits_for_the_push_in_flight_and_goes_out_after_it() -> None:
+    client, server = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as connection:
+        writer = _writer(server, connection, queue_size=1)
+        assert writer.push(b"push")
+        assert not writer.push(b"dropped"), "beyond the queue bound, a push is dropped"
+        await writer.send(b"answer")
+        assert await client.receive_some() == b"pushanswer"
+
+
+async def test_pushes_after_the_connection_ended_are_refused() -> None:
+    async with trio.open_nursery() as connection:
+        writer = _writer(_RecordingStream(), connection)
+        writer.close()
+        assert not writer.push(b"push")
+        assert not connection.child_tasks
 
 
 async def test_member_connections_beyond_the_limit_are_refused_before_the_handshake(
@@ -141,13 +176,14 @@ async def test_an_answer_past_a_wire_limit_is_a_typed_error_not_a_crash() -> Non
     cluster.join("m1")
     registrar = _OversizedAnswers(cluster.state.gsa("demo", "m1", request_id=0, nodes=()))
     member, node = trio.testing.memory_stream_pair()
-    link = _MemberLink("m1", 4)
     request = RegisterRequest("demo", Role.RECEIVER, last_msg_id=0, request_id=7)
     await member.send_all(encode_frame(request.encode()))
-    await member.aclose()
+    await member.send_eof()
     with trio.fail_after(10):
-        await registrar._reader(node, link)  # type: ignore[arg-type]
-        frame = link.outgoing.receive_nowait()
+        async with trio.open_nursery() as connection:
+            link = _MemberLink("m1", _writer(node, connection))
+            await registrar._reader(node, link)  # type: ignore[arg-type]
+        frame = await member.receive_some()
     answer = decode_message(frame[4:])
     assert isinstance(answer, ErrorAnswer)
     assert (answer.request_id, answer.code) == (7, ErrorCode.INTERNAL)
@@ -165,7 +201,7 @@ async def test_a_sender_join_refused_for_room_is_answered_group_full() -> None:
             return ApplyResult(full=((group, member_id),))
 
     registrar = Registrar(_Driver(), _FullRekeyer(), (), None, RegistrarSettings())  # type: ignore[arg-type]
-    link = _MemberLink("s9", 4)
+    link = _MemberLink("s9", cast(Any, None))  # never written to: the answer is returned
     request = RegisterRequest("demo", Role.SENDER, last_msg_id=0, request_id=3)
     answer = await registrar._register(link, request)
     assert isinstance(answer, ErrorAnswer)
