@@ -240,6 +240,34 @@ def test_random_batches_keep_members_in_step_and_outsiders_out(data: st.DataObje
             assert not coalition & {k for v, k in group_keys.items() if v >= last_end}
 
 
+@settings(max_examples=80)
+@given(data=st.data())
+def test_every_key_on_a_changed_path_is_replaced_and_join_scores_stay_exact(
+    data: st.DataObject,
+) -> None:
+    """Each update replaces the key of every node on a joining member's path and
+    of every node a leaving member held that stays in the tree, and with it
+    every key above a replaced one; the join scores stay what a fresh
+    computation from the tree's shape gives. (The climb that marks paths stops
+    where an earlier climb of the same batch already went.)"""
+    fresh = (f"n{i}" for i in range(10_000))
+    tree = KeyTree.build([next(fresh) for _ in range(data.draw(st.integers(0, 40)))], seed(0))
+    for step in range(data.draw(st.integers(1, 5))):
+        current = sorted(tree.members)
+        leaves = data.draw(st.lists(st.sampled_from(current), unique=True)) if current else []
+        joins = [next(fresh) for _ in range(data.draw(st.integers(0, 12)))]
+        held = {pk.node for m in leaves for pk in tree.path_keys(m)}
+        update = tree.update(joins=joins, leaves=leaves, seed=seed(step + 1))
+        for m in joins:
+            assert all(pk.version == update.version for pk in tree.path_keys(m))
+        for m in tree.members:
+            path = tree.path_keys(m)
+            replaced = [pk.version == update.version for pk in path]  # leaf first, root last
+            assert replaced == sorted(replaced), f"{m}: a kept key above a replaced one"
+            assert all(pk.version == update.version for pk in path if pk.node in held)
+        assert tree._slot == KeyTree.from_state(tree.to_state())._slot
+
+
 def test_member_path_follows_leaf_split_and_node_contraction() -> None:
     tree = KeyTree.build(names("m", 4), seed(0))
     holders = {m: MemberKeys(tree.path_keys(m)) for m in tree.members}
