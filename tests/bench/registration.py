@@ -13,20 +13,24 @@ processes, like the nodes) that complete the mutual TLS 1.3 handshake, check
 the member identity, answer one byte and close.
 
 Both sides are measured at each `--concurrency` level (default 100, 200 and
-400 in flight): one round per level, anchor then gcks, each round on its own
-share of the members, with both server sets up throughout. A side's capacity
-is its best level, and `ratio` = our best registrations/s / the anchor's best
-handshakes/s (target >= 0.7); `levels` lists every level. Why a sweep: the
-two sides peak at different loads. The anchor waits for nothing, so its load
-generator saturates already at 100; a registration also waits for its batch
-interval and a commit, so at 100 in flight the cluster partly idles. Any
-single level would favour one side. `cpu_s` is the CPU time the servers
-(user, system) and the load generator used over all rounds.
+400 in flight), `--rounds` times (default 3): each round registers its own
+share of the members, the two sides alternate and take turns going first,
+and both server sets are up throughout. A level's rate is the median of its
+rounds, a side's capacity its best level, and `ratio` = our capacity / the
+anchor's (target >= 0.7); `levels` lists every level and round. Why a sweep:
+the two sides peak at different loads. The anchor waits for nothing, so its
+load generator saturates already at 100; a registration also waits for its
+batch interval and a commit, so at 100 in flight the cluster partly idles.
+Why medians: one round of a shared 2-core machine varies by 10 % or more,
+and the best of single rounds would favour the side whose levels are all
+near its peak (the anchor's). `cpu_s` is the CPU time the servers (user,
+system) and the load generator used over all rounds.
 
 The policy's batch interval coalesces joins into one rekey; it is a floor on
 the latency of a registration and is reported (`batch_interval_ms`).
 
-Run: `python -m tests.bench.registration [--members 4500] [--concurrency 100,200,400]`
+Run: `python -m tests.bench.registration [--members 14400] [--concurrency 100,200,400]
+[--rounds 3]`
 from the repository root. The last stdout line is the JSON result. Every
 process started here is killed on exit, error or Ctrl-C. Loopback only.
 
@@ -44,6 +48,7 @@ import json
 import os
 import signal
 import ssl
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -302,13 +307,35 @@ def _add_cpu(total: dict[str, float], used: dict[str, float]) -> None:
         total[key] = round(total.get(key, 0.0) + value, 2)
 
 
-def _best(results: Sequence[LoadResult]) -> int:
-    """Index of the level with the highest rate: the side's capacity."""
-    return max(range(len(results)), key=lambda i: results[i].per_s)
+@dataclass
+class Level:
+    """Every round one side ran at one concurrency level."""
+
+    concurrency: int
+    rounds: list[LoadResult]
+
+    @property
+    def per_s(self) -> float:
+        """The median round: one lucky or unlucky spell of a shared machine moves it little."""
+        return statistics.median(r.per_s for r in self.rounds)
+
+    def summary(self, unit: str) -> dict[str, Any]:
+        latencies = [x for r in self.rounds for x in r.latencies_s]
+        return {
+            f"{unit}_per_s": round(self.per_s, 1),
+            f"{unit}_per_s_rounds": [round(r.per_s, 1) for r in self.rounds],
+            "concurrency": self.concurrency,
+            **percentiles(latencies),
+        }
+
+
+def _best(levels: Sequence[Level]) -> Level:
+    """The level with the highest median rate: the side's capacity."""
+    return max(levels, key=lambda level: level.per_s)
 
 
 async def bench(
-    members: int, levels: Sequence[int], batch_ms: int, deadline_s: float
+    members: int, levels: Sequence[int], rounds: int, batch_ms: int, deadline_s: float
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gcks-bench-reg-") as tmp:
         log(f"issuing {members} member certificates ...")
@@ -322,10 +349,10 @@ async def bench(
         contexts = member_contexts(kit, kit.member_ids)
         nodes = kit.node_ids
         assignment = {mid: nodes[i % len(nodes)] for i, mid in enumerate(kit.member_ids)}
-        # One round per concurrency level, anchor then gcks, so a slow spell
-        # of a shared machine lands on both sides rather than on one. Each
-        # round registers members not seen before (a join, not a re-registration).
-        slices = [kit.member_ids[r :: len(levels)] for r in range(len(levels))]
+        # Each round registers members not seen before (a join, not a
+        # re-registration): one share of the members per (round, level).
+        shares = len(levels) * rounds
+        slices = [kit.member_ids[i::shares] for i in range(shares)]
 
         async with anchor_servers(kit) as (ports, anchor_pids), running_cluster(kit) as cluster:
             await cluster.leader(timeout_s=30)
@@ -334,67 +361,73 @@ async def bench(
                 s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
             ]
             pids = [p.process.pid for p in cluster.nodes.values() if p.process is not None]
-            anchors: list[LoadResult] = []
-            ours: list[LoadResult] = []
+            anchors = [Level(c, []) for c in levels]
+            ours = [Level(c, []) for c in levels]
             anchor_cpu: dict[str, float] = {}
             ours_cpu: dict[str, float] = {}
-            for concurrency, round_members in zip(levels, slices, strict=True):
+
+            async def anchor_round(level: int, share: Sequence[str]) -> None:
                 before = cpu_seconds(anchor_pids), time.process_time()
-                anchors.append(
-                    await run_load(
-                        [
-                            handshake_job(ports[assignment[m]], contexts[m], assignment[m])
-                            for m in round_members
-                        ],
-                        concurrency,
-                        deadline_s,
-                    )
-                )
+                jobs = [
+                    handshake_job(ports[assignment[m]], contexts[m], assignment[m]) for m in share
+                ]
+                anchors[level].rounds.append(await run_load(jobs, levels[level], deadline_s))
                 _add_cpu(anchor_cpu, cpu_used(anchor_pids, before))
+
+            async def our_round(level: int, share: Sequence[str]) -> None:
                 before = cpu_seconds(pids), time.process_time()
-                ours.append(
-                    await run_load(
-                        [
-                            registration_job(
-                                kit.ports[assignment[m]]["member"], contexts[m], assignment[m]
-                            )
-                            for m in round_members
-                        ],
-                        concurrency,
-                        deadline_s,
-                    )
-                )
+                jobs = [
+                    registration_job(kit.ports[assignment[m]]["member"], contexts[m], assignment[m])
+                    for m in share
+                ]
+                ours[level].rounds.append(await run_load(jobs, levels[level], deadline_s))
                 _add_cpu(ours_cpu, cpu_used(pids, before))
-                log(
-                    f"{concurrency} in flight: {anchors[-1].per_s:.1f} handshakes/s, "
-                    f"{ours[-1].per_s:.1f} registrations/s"
-                )
+
+            # Rounds interleave the two sides, which go first in turn, so that
+            # a slow spell of a shared machine, or a warm cache, favours neither.
+            for r in range(rounds):
+                for level, concurrency in enumerate(levels):
+                    share = slices[r * len(levels) + level]
+                    sides = (anchor_round, our_round) if r % 2 == 0 else (our_round, anchor_round)
+                    for side in sides:
+                        await side(level, share)
+                    log(
+                        f"round {r + 1}/{rounds}, {concurrency} in flight: "
+                        f"{anchors[level].rounds[-1].per_s:.1f} handshakes/s, "
+                        f"{ours[level].rounds[-1].per_s:.1f} registrations/s"
+                    )
             status = await cluster.nodes[nodes[0]].status()
             terms_after = [
                 s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
             ]
-        best_ours, best_anchor = ours[_best(ours)], anchors[_best(anchors)]
+        best_ours, best_anchor = _best(ours), _best(anchors)
         group_members = status["groups"]["demo"]["members"] if status else None
         return {
             "bench": "registration",
             "results": {
                 **best_ours.summary("registrations"),
-                "concurrency": levels[_best(ours)],
-                "ok": sum(r.ok for r in ours),
-                "failed": sum(r.failed for r in ours),
+                "ok": sum(r.ok for level in ours for r in level.rounds),
+                "failed": sum(r.failed for level in ours for r in level.rounds),
                 "members": members,
                 "group_members_after": group_members,
                 "nodes": 3,
+                "rounds": rounds,
                 "levels": [
                     {
-                        "concurrency": level,
+                        "concurrency": o.concurrency,
                         "registrations_per_s": round(o.per_s, 1),
                         "handshakes_per_s": round(a.per_s, 1),
                         "ratio": round(o.per_s / a.per_s, 3) if a.per_s else None,
-                        "p50_ms": percentiles(o.latencies_s)["p50_ms"],
-                        "anchor_p50_ms": percentiles(a.latencies_s)["p50_ms"],
+                        "registrations_per_s_rounds": [round(r.per_s, 1) for r in o.rounds],
+                        "handshakes_per_s_rounds": [round(r.per_s, 1) for r in a.rounds],
+                        "p50_ms": percentiles([x for r in o.rounds for x in r.latencies_s])[
+                            "p50_ms"
+                        ],
+                        "anchor_p50_ms": percentiles([x for r in a.rounds for x in r.latencies_s])[
+                            "p50_ms"
+                        ],
                     }
-                    for level, o, a in zip(levels, ours, anchors, strict=True)
+                    for o, a in zip(ours, anchors, strict=True)
                 ],
                 "batch_interval_ms": batch_ms,
                 "tick_ms": TICK_MS,
@@ -404,9 +437,8 @@ async def bench(
             "anchor": {
                 "what": "bare mutual TLS 1.3 handshakes, same certs and load generator",
                 **best_anchor.summary("handshakes"),
-                "concurrency": levels[_best(anchors)],
-                "ok": sum(r.ok for r in anchors),
-                "failed": sum(r.failed for r in anchors),
+                "ok": sum(r.ok for level in anchors for r in level.rounds),
+                "failed": sum(r.failed for level in anchors for r in level.rounds),
                 "cpu_s": anchor_cpu,
             },
             "ratio": round(best_ours.per_s / best_anchor.per_s, 3) if best_anchor.per_s else None,
@@ -426,8 +458,9 @@ def _levels(text: str) -> list[int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--members", type=int, default=4500, help="member certificates (1 join each)"
+        "--members", type=int, default=14400, help="member certificates (1 join each)"
     )
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per level and side (median)")
     parser.add_argument(
         "--concurrency",
         type=_levels,
@@ -451,7 +484,9 @@ def main() -> None:
             trio.run(serve_anchor, int(port), Path(ca), Path(crt), Path(key))
         return
     started = time.monotonic()
-    result = run_bench(bench, args.members, args.concurrency, args.batch_ms, args.deadline)
+    result = run_bench(
+        bench, args.members, args.concurrency, args.rounds, args.batch_ms, args.deadline
+    )
     log(f"done in {time.monotonic() - started:.0f} s")
     print(json.dumps(result))
 
