@@ -76,10 +76,11 @@ class _Batch:
     done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
     error: BaseException | None = None
+    sealed: bool = False  # takes no more requests (its flush is still due)
 
     @property
     def full(self) -> bool:
-        return len(self.joins) + len(self.leaves) >= MAX_REKEY_BATCH
+        return self.sealed or len(self.joins) + len(self.leaves) >= MAX_REKEY_BATCH
 
 
 @dataclass
@@ -149,6 +150,14 @@ class Rekeyer:
         batch: _Batch | None = None
         for join in request.joins:
             batch = self._batch(request.group)
+            earlier = batch.joins.get(join.member_id)
+            if earlier is not None and earlier.tag != join.tag:
+                # A second registration of one member (a retry through another
+                # node, say) goes to the next batch: an entry carries one join
+                # per member, and each request's tag must reach an entry, or a
+                # forwarded request waits for its resend.
+                batch.sealed = True
+                batch = self._batch(request.group)
             batch.joins[join.member_id] = join
         for leave in request.leaves:
             batch = self._batch(request.group)

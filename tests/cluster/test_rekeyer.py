@@ -342,6 +342,37 @@ async def test_a_forwarded_join_goes_to_each_new_leader_until_its_entry_applies(
     assert [c.joins[0].member_id for c in cluster.proposed] == ["m1"]
 
 
+async def test_two_registrations_of_one_member_through_two_nodes_are_both_answered_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A member retrying through another node while its first request is still
+    # open: both land in the leader's batch, each with its own tag.
+    cluster = _Cluster("n1", "n2", "n3")
+    cluster.lead("n1")
+    answered: dict[str, float] = {}
+    results: dict[str, ApplyResult] = {}
+
+    async def join(nid: str) -> None:
+        results[nid] = await cluster.nodes[nid].rekeyer.join("demo", "m1", Role.RECEIVER, None)
+        answered[nid] = trio.current_time()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for node in cluster.nodes.values():
+                await nursery.start(node.rekeyer.run)
+            start = trio.current_time()
+            async with trio.open_nursery() as joiners:
+                joiners.start_soon(join, "n2")
+                joiners.start_soon(join, "n3")
+            nursery.cancel_scope.cancel()
+    resend_s = RekeyerSettings().resend_s
+    assert all(t - start < resend_s for t in answered.values()), "neither waits for a resend"
+    assert all(("demo", "m1") in r.joined for r in results.values())
+    assert [[j.member_id for j in c.joins] for c in cluster.proposed] == [["m1"], ["m1"]]
+    assert cluster.nodes["n2"].sent == ["n1"]
+    assert cluster.nodes["n3"].sent == ["n1"]
+
+
 async def test_a_node_that_does_not_lead_drops_forwarded_requests_and_malformed_ones(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
