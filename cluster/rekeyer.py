@@ -150,8 +150,8 @@ class Rekeyer:
         batch: _Batch | None = None
         for join in request.joins:
             batch = self._batch(request.group)
-            earlier = batch.joins.get(join.member_id)
-            if earlier is not None and earlier.tag != join.tag:
+            queued = batch.joins.get(join.member_id)
+            if queued is not None and queued.tag != join.tag:
                 # A second registration of one member (a retry through another
                 # node, say) goes to the next batch: an entry carries one join
                 # per member, and each request's tag must reach an entry, or a
