@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import math
 import socket
+import time
 from dataclasses import dataclass
 
 import trio
@@ -49,6 +51,7 @@ class RekeySender:
         self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
         self._send, self._queue = trio.open_memory_channel[Outbound](queue_size)
         self.stats = MulticastStats()
+        self._warned = {"too_large": -math.inf, "ipv6": -math.inf}
 
     def submit(self, outbound: Outbound) -> None:
         """Queue a datagram (never blocks; a full queue drops and counts)."""
@@ -69,6 +72,13 @@ class RekeySender:
                     if outbound.retransmit_count:
                         nursery.start_soon(self._retransmit, outbound)
 
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        """A warning of each kind at most once a minute: it repeats on every rekey."""
+        now = time.monotonic()
+        if now - self._warned[kind] >= 60.0:
+            self._warned[kind] = now
+            log.warning(message, *args)
+
     async def _retransmit(self, outbound: Outbound) -> None:
         for _ in range(outbound.retransmit_count):
             await trio.sleep(outbound.retransmit_interval_ms / 1000)
@@ -79,9 +89,23 @@ class RekeySender:
         if ipaddress.ip_address(outbound.multicast.address).version != 4:
             # IPv6 multicast needs IPV6_MULTICAST_IF by interface index: not yet supported.
             self.stats.errors += 1
+            self._warn(
+                "ipv6",
+                "group %s: IPv6 multicast is not supported; rekeys go by push only",
+                outbound.group,
+            )
             return
         if len(outbound.datagram) > MAX_UDP_PAYLOAD:
             self.stats.too_large += 1
+            self._warn(
+                "too_large",
+                "group %s: rekey message %d is %d bytes, over the %d of a UDP datagram; "
+                "it goes by push only (a smaller batch interval keeps rekeys smaller)",
+                outbound.group,
+                outbound.msg_id,
+                len(outbound.datagram),
+                MAX_UDP_PAYLOAD,
+            )
             return
         try:
             await self._sock.sendto(

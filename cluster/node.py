@@ -286,6 +286,24 @@ class Node:
             "gcks_rekeys_sent_total", counter, "Rekey datagrams multicast.", sender.stats.sent
         )
         yield one(
+            "gcks_rekeys_too_large_total",
+            counter,
+            "Rekey datagrams over the UDP limit: pushed only, not multicast.",
+            sender.stats.too_large,
+        )
+        yield one(
+            "gcks_rekeys_send_errors_total",
+            counter,
+            "Rekey datagrams not multicast: a send error or an IPv6 group.",
+            sender.stats.errors,
+        )
+        yield one(
+            "gcks_rekeys_dropped_total",
+            counter,
+            "Rekey datagrams dropped before sending: the send queue was full.",
+            sender.stats.dropped,
+        )
+        yield one(
             "gcks_rekey_pushes_total", counter, "Rekey datagrams pushed.", registrar.stats.pushes
         )
         yield one(

@@ -265,4 +265,11 @@ async def test_metrics_count_what_each_peer_link_carries(tmp_path: Path) -> None
             assert all(value > 0 for value in samples.values()), name
         disconnects = families["gcks_peer_disconnects_total"].samples
         assert {s.labels["peer"] for s in disconnects} == others
+        # What multicast could not carry is visible too (nothing here).
+        for name in (
+            "gcks_rekeys_too_large_total",
+            "gcks_rekeys_send_errors_total",
+            "gcks_rekeys_dropped_total",
+        ):
+            assert [s.value for s in families[name].samples] == [0], name
         nursery.cancel_scope.cancel()
