@@ -122,14 +122,17 @@ class _FrameWriter:
     async def send(self, frame: bytes) -> None:
         """Write an answer, after the frames queued before it. The reader waits
         here, so a member that sends requests but reads nothing stalls itself."""
+        if not self._closed:
+            self._queue.append(frame)
+            if self._written is not None:
+                await self._written.wait()  # the write in progress takes it along
+            else:
+                self._written = trio.Event()
+                await self._write_queued()
         if self._closed:
-            return  # the connection is ending
-        self._queue.append(frame)
-        if self._written is not None:
-            await self._written.wait()  # the write in progress takes it along
-            return
-        self._written = trio.Event()
-        await self._write_queued()
+            # Cut off: the connection's cancellation ends the reader here, before
+            # it acts on a request it has already read.
+            await trio.lowlevel.checkpoint()
 
     async def _write_queued(self) -> None:
         try:

@@ -71,6 +71,21 @@ async def test_member_that_stops_reading_is_cut_off_after_the_write_deadline(
     assert not writer.push(b"another push"), "a cut-off member gets nothing more"
 
 
+async def test_a_reader_cut_off_in_its_own_answer_goes_no_further(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Its next request may already sit in the buffer: it must not be acted on.
+    _client, server = trio.testing.lockstep_stream_pair()  # nobody reads `_client`
+    went_on = False
+    with trio.fail_after(60):
+        async with trio.open_nursery() as connection:
+            writer = _writer(server, connection)
+            await writer.send(b"an answer nobody reads")
+            went_on = True
+    assert connection.cancel_scope.cancelled_caught
+    assert not went_on
+
+
 class _RecordingStream:
     """Records each `send_all` as one write."""
 
