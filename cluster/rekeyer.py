@@ -73,20 +73,21 @@ class RekeyerSettings:
 class _Batch:
     joins: dict[str, Join] = field(default_factory=dict)
     leaves: dict[str, Leave] = field(default_factory=dict)
+    taken: trio.Event = field(default_factory=trio.Event)  # out of the open batches
     done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
     error: BaseException | None = None
-    sealed: bool = False  # takes no more requests (its flush is still due)
 
     @property
     def full(self) -> bool:
-        return self.sealed or len(self.joins) + len(self.leaves) >= MAX_REKEY_BATCH
+        return len(self.joins) + len(self.leaves) >= MAX_REKEY_BATCH
 
 
 @dataclass
 class _Forwarded:
     """A request this node forwarded to the leader, waiting for its entry to apply here."""
 
+    taken: trio.Event = field(default_factory=trio.Event)  # out of the open batches
     done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
 
@@ -112,7 +113,12 @@ class Rekeyer:
         self._bootstrap = bootstrap_groups
         self._clock_ms = clock_ms
         self._skew_warned = -math.inf
-        self._batches: dict[str, _Batch] = {}
+        # Per group, the batches not yet proposed, oldest first: a request goes
+        # to the first one that can take it (see `_batch`).
+        self._batches: dict[str, list[_Batch]] = {}
+        # Request tags in those batches and in the proposals still out: a copy
+        # that a follower sends again meanwhile is already in hand.
+        self._queued: dict[int, _Batch] = {}
         # One item per batch opened and not yet flushed, so the open batches
         # (one per active group, plus full ones) bound it: a fixed capacity
         # would refuse, by an exception, the storm that opens many at once.
@@ -149,24 +155,31 @@ class Rekeyer:
     def _add(self, request: MembershipRequest) -> _Batch:
         batch: _Batch | None = None
         for join in request.joins:
-            batch = self._batch(request.group)
-            queued = batch.joins.get(join.member_id)
-            if queued is not None and queued.tag != join.tag:
-                # A second registration of one member (a retry through another
-                # node, say) goes to the next batch: an entry carries one join
-                # per member, and each request's tag must reach an entry, or a
-                # forwarded request waits for its resend.
-                batch.sealed = True
-                batch = self._batch(request.group)
-            batch.joins[join.member_id] = join
+            batch = self._queued.get(join.tag) if join.tag else None
+            if batch is None:
+                # A second registration of a member (a retry through another
+                # node) goes to a later batch: an entry carries one join per
+                # member, and each request's tag must reach an entry.
+                batch = self._batch(request.group, join.member_id, join=True)
+                batch.joins[join.member_id] = join
+                self._queue_tag(join.tag, batch)
         for leave in request.leaves:
-            batch = self._batch(request.group)
+            queued = self._queued.get(leave.tag) if leave.tag else None
+            if queued is not None:
+                batch = queued
+                continue
+            batch = self._batch(request.group, leave.member_id, join=False)
             earlier = batch.leaves.get(leave.member_id)
             if earlier is None or earlier.reason is not LeaveReason.EVICT:
                 batch.leaves[leave.member_id] = leave  # an eviction (and its ban) wins
+            self._queue_tag(leave.tag, batch)
         if batch is None:
             raise ValueError("a membership request needs a join or a leave")
         return batch
+
+    def _queue_tag(self, tag: int, batch: _Batch) -> None:
+        if tag:
+            self._queued[tag] = batch
 
     async def _forward_to_leader(self, request: MembershipRequest) -> ApplyResult:
         waiter = self._forwarded[request.tag] = _Forwarded()
@@ -275,13 +288,25 @@ class Rekeyer:
             )
         )
 
-    def _batch(self, group: str) -> _Batch:
-        batch = self._batches.get(group)
-        if batch is None or batch.full:
-            # A full batch keeps its flush; later arrivals start the next one, so
-            # a burst becomes several commands that each fit one rekey message.
-            batch = self._batches[group] = _Batch()
-            self._flush_send.send_nowait((group, batch))
+    def _batch(self, group: str, member_id: str, *, join: bool) -> _Batch:
+        """The first batch of `group` not yet proposed that has room for a join
+        (or leave) of `member_id`; a new one if none has. A batch holds one join
+        per member, and a leave never goes before the member's latest join:
+        the requests of one member keep their order."""
+        batches = self._batches.setdefault(group, [])
+        start = 0
+        if not join:
+            for position, batch in enumerate(batches):
+                if member_id in batch.joins:
+                    start = position
+        for batch in batches[start:]:
+            if not batch.full and not (join and member_id in batch.joins):
+                return batch
+        # A full batch keeps its flush; later arrivals start the next one, so
+        # a burst becomes several commands that each fit one rekey message.
+        batch = _Batch()
+        batches.append(batch)
+        self._flush_send.send_nowait((group, batch))
         return batch
 
     async def _wait(self, batch: _Batch) -> ApplyResult:
@@ -307,8 +332,16 @@ class Rekeyer:
         state = self._driver.state
         interval_ms = state.policy(group).batch_interval_ms if state.has_group(group) else 0
         await trio.sleep(interval_ms / 1000)
-        if self._batches.get(group) is batch:
+        # Proposed in the order the batches opened, also when their intervals
+        # end together: a second join of a member (a later batch) must not
+        # overtake a leave of it (an earlier one).
+        batches = self._batches[group]
+        while batches[0] is not batch:
+            await batches[0].taken.wait()
+        batches.pop(0)
+        if not batches:
             del self._batches[group]
+        batch.taken.set()
         state = self._driver.state  # a snapshot install may have replaced it meanwhile
         try:
             policy = state.policy(group) if state.has_group(group) else None
@@ -338,6 +371,10 @@ class Rekeyer:
         except Exception as exc:  # handed to every waiter of the batch, not swallowed
             batch.error = exc
         finally:
+            tags = [j.tag for j in batch.joins.values()] + [x.tag for x in batch.leaves.values()]
+            for tag in tags:
+                if self._queued.get(tag) is batch:
+                    del self._queued[tag]
             batch.done.set()
 
     async def _propose(self, command: CreateGroup | Rekey | UpdatePolicy) -> ApplyResult:

@@ -223,13 +223,14 @@ class _Node:
 
 
 class _Cluster:
-    def __init__(self, *node_ids: str) -> None:
+    def __init__(self, *node_ids: str, **policy_overrides: object) -> None:
         self.nodes = {nid: _Node(nid, self) for nid in node_ids}
         self.index = 0
         self.proposed: list[Rekey] = []
-        self.commit(
-            encode_command(CreateGroup(policy(), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0))
+        create = CreateGroup(
+            policy(**policy_overrides), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0
         )
+        self.commit(encode_command(create))
 
     def lead(self, leader: str | None) -> None:
         for node in self.nodes.values():
@@ -346,31 +347,105 @@ async def test_two_registrations_of_one_member_through_two_nodes_are_both_answer
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # A member retrying through another node while its first request is still
-    # open: both land in the leader's batch, each with its own tag.
-    cluster = _Cluster("n1", "n2", "n3")
+    # open: both reach the leader's batch, each with its own tag. The interval
+    # spans ten resends of each copy, and other members join meanwhile.
+    interval_s = 20.0
+    cluster = _Cluster("n1", "n2", "n3", batch_interval_ms=int(interval_s * 1000))
     cluster.lead("n1")
     answered: dict[str, float] = {}
     results: dict[str, ApplyResult] = {}
 
-    async def join(nid: str) -> None:
-        results[nid] = await cluster.nodes[nid].rekeyer.join("demo", "m1", Role.RECEIVER, None)
-        answered[nid] = trio.current_time()
+    async def join(nid: str, member: str, after_s: float = 0.0) -> None:
+        await trio.sleep(after_s)
+        result = await cluster.nodes[nid].rekeyer.join("demo", member, Role.RECEIVER, None)
+        results[f"{member}@{nid}"] = result
+        answered[f"{member}@{nid}"] = trio.current_time()
 
-    with trio.fail_after(60):
+    with trio.fail_after(600):
         async with trio.open_nursery() as nursery:
             for node in cluster.nodes.values():
                 await nursery.start(node.rekeyer.run)
             start = trio.current_time()
             async with trio.open_nursery() as joiners:
-                joiners.start_soon(join, "n2")
-                joiners.start_soon(join, "n3")
+                joiners.start_soon(join, "n2", "m1")
+                joiners.start_soon(join, "n3", "m1")
+                for i in range(10):
+                    joiners.start_soon(join, "n1", f"o{i}", 0.1 + 1.5 * i)
             nursery.cancel_scope.cancel()
-    resend_s = RekeyerSettings().resend_s
-    assert all(t - start < resend_s for t in answered.values()), "neither waits for a resend"
-    assert all(("demo", "m1") in r.joined for r in results.values())
-    assert [[j.member_id for j in c.joins] for c in cluster.proposed] == [["m1"], ["m1"]]
-    assert cluster.nodes["n2"].sent == ["n1"]
-    assert cluster.nodes["n3"].sent == ["n1"]
+    assert max(answered.values()) - start < interval_s + RekeyerSettings().resend_s
+    assert all(("demo", member.split("@")[0]) in r.joined for member, r in results.items())
+    entries = sorted(([j.member_id for j in c.joins] for c in cluster.proposed), key=len)
+    assert [sorted(e) for e in entries] == [["m1"], ["m1", *(f"o{i}" for i in range(10))]], (
+        "one entry for the interval's joins, one more for the second registration only"
+    )
+
+
+@dataclass
+class _OrderedDriver(_Driver):
+    """Logs each proposal when it is made, as the real driver queues it (its
+    inbox is first in, first out), and answers it after a yield."""
+
+    order: list[Rekey] = field(default_factory=list)
+
+    async def propose(self, data: bytes, timeout_s: float) -> ApplyResult:
+        command = decode_command(data)
+        if isinstance(command, Rekey):
+            self.order.append(command)
+        result = self.state.apply(self.state.applied_index + 1, data)
+        await trio.lowlevel.checkpoint()
+        return result
+
+
+async def test_batches_of_one_group_are_proposed_in_the_order_they_opened(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A leave, then two registrations of the same member: the second one opens
+    # a later batch, whose interval ends at the same instant. It must not
+    # overtake the leave, or the member would end up outside the group.
+    for _ in range(10):  # the two flushes wake in a random order
+        driver = _OrderedDriver()
+        create = CreateGroup(
+            policy(batch_interval_ms=5000), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0
+        )
+        driver.state.apply(1, encode_command(create))
+        driver.state.apply(2, encode_command(_join_command("m1")))
+        rekeyer = _rekeyer(driver)
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(rekeyer.run)
+                async with trio.open_nursery() as requests:
+                    requests.start_soon(rekeyer.leave, "demo", "m1", LeaveReason.DEREGISTER)
+                    await trio.testing.wait_all_tasks_blocked()
+                    requests.start_soon(rekeyer.join, "demo", "m1", Role.RECEIVER, None)
+                    await trio.testing.wait_all_tasks_blocked()
+                    requests.start_soon(rekeyer.join, "demo", "m1", Role.RECEIVER, None)
+                nursery.cancel_scope.cancel()
+        shapes = [(len(c.leaves), len(c.joins)) for c in driver.order]
+        assert shapes == [(1, 1), (0, 1)], "the leave's batch goes first"
+        assert driver.state.is_member("demo", "m1")
+
+
+async def test_a_leave_after_two_registrations_of_a_member_is_not_overtaken_by_them(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = _OrderedDriver()
+    create = CreateGroup(
+        policy(batch_interval_ms=5000), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0
+    )
+    driver.state.apply(1, encode_command(create))
+    rekeyer = _rekeyer(driver)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rekeyer.run)
+            async with trio.open_nursery() as requests:
+                for _ in range(2):
+                    requests.start_soon(rekeyer.join, "demo", "m1", Role.RECEIVER, None)
+                    await trio.testing.wait_all_tasks_blocked()
+                requests.start_soon(rekeyer.leave, "demo", "m1", LeaveReason.DEREGISTER)
+            nursery.cancel_scope.cancel()
+    shapes = [(len(c.joins), len(c.leaves)) for c in driver.order]
+    assert shapes == [(1, 0), (1, 1)], "the leave goes with the later registration"
+    assert not driver.state.is_member("demo", "m1"), "the last request was the leave"
 
 
 async def test_a_node_that_does_not_lead_drops_forwarded_requests_and_malformed_ones(
