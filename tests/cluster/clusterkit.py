@@ -8,8 +8,10 @@ per node with free loopback ports, so tests can start nodes in-process
 from __future__ import annotations
 
 import json
+import random
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,19 +38,48 @@ GROUP = {
 }
 
 
+# Ports this process handed out lately: a kit's ports stay unbound until its
+# nodes start, and another draw meanwhile must not return them.
+_HANDED_OUT: deque[int] = deque(maxlen=4096)
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_ports(n: int, avoid: Collection[int] = ()) -> list[int]:
-    """Distinct free TCP/UDP ports on 127.0.0.1 (bound then released: a small race),
-    none of them in `avoid` (ports handed out earlier and not bound yet)."""
-    socks, ports = [], []
+    """Distinct loopback ports free for TCP and UDP now, none of them in `avoid`
+    (ports handed out earlier and not bound yet).
+
+    They are bound only later, by the nodes. Drawn below the kernel's ephemeral
+    range, so the local end of some connection made meanwhile (a peer link
+    redialling, a proxy) cannot take one: the likely cause of a node's bind
+    failing now and then with "Address already in use" when ports were drawn
+    from port 0 (twice in session 4's full runs)."""
+    low, high = _ephemeral_range()
+    first, last = (10_000, low - 1) if low > 11_000 else (high + 1, 65_535)
+    ports: list[int] = []
     while len(ports) < n:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        if (port := s.getsockname()[1]) not in avoid:
-            ports.append(port)
-    for s in socks:
-        s.close()
+        port = random.randint(first, last)
+        if port in avoid or port in ports or port in _HANDED_OUT or not _bindable(port):
+            continue
+        ports.append(port)
+    _HANDED_OUT.extend(ports)
     return ports
+
+
+def _bindable(port: int) -> bool:
+    for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        with socket.socket(socket.AF_INET, kind) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
 
 
 @dataclass
