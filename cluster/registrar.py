@@ -306,7 +306,12 @@ class Registrar:
             self._unlink(link, group)
 
     def _unlink(self, link: _MemberLink, group: str) -> None:
-        self._attached[group].discard(link)
+        # Empty sets go: a deleted group or a gone member leaves nothing behind.
+        attached = self._attached.get(group)
+        if attached is not None:
+            attached.discard(link)
+            if not attached:
+                del self._attached[group]
         key = (group, link.member_id)
         pending = self._pending.get(key)
         if pending is not None:

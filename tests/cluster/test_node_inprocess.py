@@ -60,6 +60,26 @@ async def test_registration_at_every_node_gives_the_same_keys(tmp_path: Path) ->
         nursery.cancel_scope.cancel()
 
 
+async def test_members_that_hung_up_leave_no_trace_in_the_registrar(tmp_path: Path) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        await wait_for_group(nodes)
+        for i in range(3):
+            await register(kit, f"m{i + 1}", "n1")
+        registrar = nodes["n1"].registrar
+        assert registrar is not None
+        with trio.fail_after(10):
+            while registrar.attached:
+                await trio.sleep(0.02)
+        # No per-group or per-member leftovers: what a storm of short
+        # registrations would otherwise pile up.
+        assert not registrar._attached
+        assert not registrar._pending
+        assert not registrar._waiting
+        nursery.cancel_scope.cancel()
+
+
 async def test_registrations_at_every_node_within_one_interval_make_one_rekey(
     tmp_path: Path,
 ) -> None:
