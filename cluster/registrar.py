@@ -231,7 +231,7 @@ class Registrar:
     def detach(self, group: str, member_id: str) -> None:
         for link in tuple(self._attached.get(group, ())):
             if link.member_id == member_id:
-                self._attached[group].discard(link)
+                self._unlink(link, group)
                 link.groups.discard(group)
 
     @property
