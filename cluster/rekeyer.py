@@ -291,14 +291,16 @@ class Rekeyer:
     def _batch(self, group: str, member_id: str, *, join: bool) -> _Batch:
         """The first batch of `group` not yet proposed that has room for a join
         (or leave) of `member_id`; a new one if none has. A batch holds one join
-        per member, and a leave never goes before the member's latest join:
-        the requests of one member keep their order."""
+        per member; a leave never goes before the member's latest join (with
+        it, the leave wins), a join always after the member's latest leave:
+        the requests of one member take effect in their order."""
         batches = self._batches.setdefault(group, [])
         start = 0
-        if not join:
-            for position, batch in enumerate(batches):
-                if member_id in batch.joins:
-                    start = position
+        for position, batch in enumerate(batches):
+            if join and member_id in batch.leaves:
+                start = position + 1
+            elif not join and member_id in batch.joins:
+                start = position
         for batch in batches[start:]:
             if not batch.full and not (join and member_id in batch.joins):
                 return batch

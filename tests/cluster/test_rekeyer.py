@@ -399,9 +399,9 @@ class _OrderedDriver(_Driver):
 async def test_batches_of_one_group_are_proposed_in_the_order_they_opened(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # A leave, then two registrations of the same member: the second one opens
-    # a later batch, whose interval ends at the same instant. It must not
-    # overtake the leave, or the member would end up outside the group.
+    # A leave, then two registrations of the same member: each opens a later
+    # batch, and all three intervals end at the same instant. No registration
+    # may overtake the leave, or the member would end up outside the group.
     for _ in range(10):  # the two flushes wake in a random order
         driver = _OrderedDriver()
         create = CreateGroup(
@@ -421,7 +421,7 @@ async def test_batches_of_one_group_are_proposed_in_the_order_they_opened(
                     requests.start_soon(rekeyer.join, "demo", "m1", Role.RECEIVER, None)
                 nursery.cancel_scope.cancel()
         shapes = [(len(c.leaves), len(c.joins)) for c in driver.order]
-        assert shapes == [(1, 1), (0, 1)], "the leave's batch goes first"
+        assert shapes == [(1, 0), (0, 1), (0, 1)], "the leave's batch goes first"
         assert driver.state.is_member("demo", "m1")
 
 
@@ -554,3 +554,31 @@ async def test_an_eviction_and_a_deregistration_in_one_batch_stay_an_eviction(
             nursery.cancel_scope.cancel()
     assert [leave.reason for leave in driver.proposed[-1].leaves] == [LeaveReason.EVICT]
     assert driver.state.is_banned("demo", "m1")
+
+
+async def test_a_registration_after_a_deregistration_in_one_interval_takes_effect(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    driver = _OrderedDriver()
+    create = CreateGroup(
+        policy(batch_interval_ms=5000), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0
+    )
+    driver.state.apply(1, encode_command(create))
+    driver.state.apply(2, encode_command(_join_command("m1")))
+    rekeyer = _rekeyer(driver)
+    results: list[ApplyResult] = []
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rekeyer.run)
+            async with trio.open_nursery() as requests:
+                requests.start_soon(rekeyer.leave, "demo", "m1", LeaveReason.DEREGISTER)
+                await trio.testing.wait_all_tasks_blocked()
+
+                async def rejoin() -> None:
+                    results.append(await rekeyer.join("demo", "m1", Role.RECEIVER, None))
+
+                requests.start_soon(rejoin)
+            nursery.cancel_scope.cancel()
+    assert [(len(c.leaves), len(c.joins)) for c in driver.order] == [(1, 0), (0, 1)]
+    assert ("demo", "m1") in results[0].joined, "the join is not lost behind the leave"
+    assert driver.state.is_member("demo", "m1")
