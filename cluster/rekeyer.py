@@ -73,6 +73,11 @@ class RekeyerSettings:
 class _Batch:
     joins: dict[str, Join] = field(default_factory=dict)
     leaves: dict[str, Leave] = field(default_factory=dict)
+    # Leaves of a member already leaving in this batch: they go in the entry
+    # after the one that counts (apply takes a member's first), so that their
+    # tags are reported and their requests answered.
+    merged: list[Leave] = field(default_factory=list)
+    tags: list[int] = field(default_factory=list)  # of every request queued here
     taken: trio.Event = field(default_factory=trio.Event)  # out of the open batches
     done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
@@ -80,14 +85,13 @@ class _Batch:
 
     @property
     def full(self) -> bool:
-        return len(self.joins) + len(self.leaves) >= MAX_REKEY_BATCH
+        return len(self.joins) + len(self.leaves) + len(self.merged) >= MAX_REKEY_BATCH
 
 
 @dataclass
 class _Forwarded:
     """A request this node forwarded to the leader, waiting for its entry to apply here."""
 
-    taken: trio.Event = field(default_factory=trio.Event)  # out of the open batches
     done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
 
@@ -170,8 +174,13 @@ class Rekeyer:
                 continue
             batch = self._batch(request.group, leave.member_id, join=False)
             earlier = batch.leaves.get(leave.member_id)
-            if earlier is None or earlier.reason is not LeaveReason.EVICT:
+            if earlier is None:
+                batch.leaves[leave.member_id] = leave
+            elif leave.reason is LeaveReason.EVICT and earlier.reason is not LeaveReason.EVICT:
                 batch.leaves[leave.member_id] = leave  # an eviction (and its ban) wins
+                batch.merged.append(earlier)
+            else:
+                batch.merged.append(leave)
             self._queue_tag(leave.tag, batch)
         if batch is None:
             raise ValueError("a membership request needs a join or a leave")
@@ -180,6 +189,7 @@ class Rekeyer:
     def _queue_tag(self, tag: int, batch: _Batch) -> None:
         if tag:
             self._queued[tag] = batch
+            batch.tags.append(tag)
 
     async def _forward_to_leader(self, request: MembershipRequest) -> ApplyResult:
         waiter = self._forwarded[request.tag] = _Forwarded()
@@ -362,7 +372,7 @@ class Rekeyer:
                 Rekey(
                     group=group,
                     joins=tuple(batch.joins.values()),
-                    leaves=tuple(batch.leaves.values()),
+                    leaves=(*batch.leaves.values(), *batch.merged),
                     tree_seed=os.urandom(32),
                     tek_key=os.urandom(32) if new_tek else None,
                     refresh_kek=False,
@@ -373,8 +383,7 @@ class Rekeyer:
         except Exception as exc:  # handed to every waiter of the batch, not swallowed
             batch.error = exc
         finally:
-            tags = [j.tag for j in batch.joins.values()] + [x.tag for x in batch.leaves.values()]
-            for tag in tags:
+            for tag in batch.tags:
                 if self._queued.get(tag) is batch:
                     del self._queued[tag]
             batch.done.set()

@@ -552,7 +552,10 @@ async def test_an_eviction_and_a_deregistration_in_one_batch_stay_an_eviction(
                 both.start_soon(rekeyer.leave, "demo", "m1", LeaveReason.EVICT)
                 both.start_soon(rekeyer.leave, "demo", "m1", LeaveReason.DEREGISTER)
             nursery.cancel_scope.cancel()
-    assert [leave.reason for leave in driver.proposed[-1].leaves] == [LeaveReason.EVICT]
+    # The eviction comes first (apply takes a member's first leave); the
+    # deregistration rides along for its tag, so its request is answered too.
+    reasons = [leave.reason for leave in driver.proposed[-1].leaves]
+    assert reasons == [LeaveReason.EVICT, LeaveReason.DEREGISTER]
     assert driver.state.is_banned("demo", "m1")
 
 
@@ -582,3 +585,36 @@ async def test_a_registration_after_a_deregistration_in_one_interval_takes_effec
     assert [(len(c.leaves), len(c.joins)) for c in driver.order] == [(1, 0), (0, 1)]
     assert ("demo", "m1") in results[0].joined, "the join is not lost behind the leave"
     assert driver.state.is_member("demo", "m1")
+
+
+async def test_two_leaves_of_one_member_forwarded_by_two_nodes_are_both_answered_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A deregistration through one node and an eviction through another land in
+    # one leader batch: one entry, the ban holds, and neither request waits
+    # for a resend (each tag is in the entry).
+    cluster = _Cluster("n1", "n2", "n3", batch_interval_ms=5000)
+    cluster.lead("n1")
+    cluster.commit(encode_command(_join_command("m1")))
+    answered: dict[str, float] = {}
+
+    async def leave(nid: str, reason: LeaveReason) -> None:
+        await cluster.nodes[nid].rekeyer.leave("demo", "m1", reason)
+        answered[nid] = trio.current_time()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for node in cluster.nodes.values():
+                await nursery.start(node.rekeyer.run)
+            start = trio.current_time()
+            async with trio.open_nursery() as requests:
+                requests.start_soon(leave, "n2", LeaveReason.DEREGISTER)
+                await trio.testing.wait_all_tasks_blocked()
+                requests.start_soon(leave, "n3", LeaveReason.EVICT)
+            nursery.cancel_scope.cancel()
+    assert set(answered) == {"n2", "n3"}
+    assert max(answered.values()) - start < 5.0 + RekeyerSettings().resend_s
+    leaves = [c.leaves for c in cluster.proposed if c.leaves]
+    assert len(leaves) == 1
+    assert [x.reason for x in leaves[0]] == [LeaveReason.EVICT, LeaveReason.DEREGISTER]
+    assert all(node.state.is_banned("demo", "m1") for node in cluster.nodes.values())
