@@ -13,15 +13,13 @@ May import trio and `gcks.cluster.state`. Sends only what apply produced.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import math
 import socket
-import time
 from dataclasses import dataclass
 
 import trio
 
+from gcks.cluster.logthrottle import LogThrottle
 from gcks.cluster.state import Outbound
 
 log = logging.getLogger(__name__)
@@ -51,7 +49,7 @@ class RekeySender:
         self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
         self._send, self._queue = trio.open_memory_channel[Outbound](queue_size)
         self.stats = MulticastStats()
-        self._warned = {"too_large": -math.inf, "ipv6": -math.inf}
+        self._warnings = LogThrottle()  # each kind repeats on every rekey
 
     def submit(self, outbound: Outbound) -> None:
         """Queue a datagram (never blocks; a full queue drops and counts)."""
@@ -72,13 +70,6 @@ class RekeySender:
                     if outbound.retransmit_count:
                         nursery.start_soon(self._retransmit, outbound)
 
-    def _warn(self, kind: str, message: str, *args: object) -> None:
-        """A warning of each kind at most once a minute: it repeats on every rekey."""
-        now = time.monotonic()
-        if now - self._warned[kind] >= 60.0:
-            self._warned[kind] = now
-            log.warning(message, *args)
-
     async def _retransmit(self, outbound: Outbound) -> None:
         for _ in range(outbound.retransmit_count):
             await trio.sleep(outbound.retransmit_interval_ms / 1000)
@@ -86,26 +77,26 @@ class RekeySender:
             await self._send_once(outbound)
 
     async def _send_once(self, outbound: Outbound) -> None:
-        if ipaddress.ip_address(outbound.multicast.address).version != 4:
+        if outbound.multicast.address.version != 4:
             # IPv6 multicast needs IPV6_MULTICAST_IF by interface index: not yet supported.
             self.stats.errors += 1
-            self._warn(
-                "ipv6",
-                "group %s: IPv6 multicast is not supported; rekeys go by push only",
-                outbound.group,
-            )
+            if self._warnings.ready("ipv6"):
+                log.warning(
+                    "group %s: IPv6 multicast is not supported; rekeys go by push only",
+                    outbound.group,
+                )
             return
         if len(outbound.datagram) > MAX_UDP_PAYLOAD:
             self.stats.too_large += 1
-            self._warn(
-                "too_large",
-                "group %s: rekey message %d is %d bytes, over the %d of a UDP datagram; "
-                "it goes by push only (a smaller batch interval keeps rekeys smaller)",
-                outbound.group,
-                outbound.msg_id,
-                len(outbound.datagram),
-                MAX_UDP_PAYLOAD,
-            )
+            if self._warnings.ready("too_large"):
+                log.warning(
+                    "group %s: rekey message %d is %d bytes, over the %d of a UDP datagram; "
+                    "it goes by push only (a smaller batch interval keeps rekeys smaller)",
+                    outbound.group,
+                    outbound.msg_id,
+                    len(outbound.datagram),
+                    MAX_UDP_PAYLOAD,
+                )
             return
         try:
             await self._sock.sendto(

@@ -217,7 +217,7 @@ class Registrar:
     def push(self, outbound: Outbound) -> None:
         """Queue a rekey datagram to every member attached for its group."""
         frame = encode_frame(RekeyPush(outbound.datagram).encode())
-        for link in tuple(self._attached.get(outbound.group, ())):
+        for link in self._attached.get(outbound.group, ()):  # a push changes no set
             if link.writer.push(frame):
                 self.stats.pushes += 1
             else:

@@ -44,6 +44,7 @@ from gcks.cluster.commands import (
     encode_command,
 )
 from gcks.cluster.driver import RaftDriver, first_of
+from gcks.cluster.logthrottle import LogThrottle
 from gcks.cluster.membership import MembershipRequest, decode_request, encode_request
 from gcks.cluster.raft.types import Role as RaftRole
 from gcks.cluster.state import ApplyResult
@@ -77,11 +78,16 @@ class _Batch:
     # after the one that counts (apply takes a member's first), so that their
     # tags are reported and their requests answered.
     merged: list[Leave] = field(default_factory=list)
-    tags: list[int] = field(default_factory=list)  # of every request queued here
     taken: trio.Event = field(default_factory=trio.Event)  # out of the open batches
     done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
     error: BaseException | None = None
+
+    @property
+    def tags(self) -> list[int]:
+        """Of every request queued here (0: a request without one)."""
+        leaves = (*self.leaves.values(), *self.merged)
+        return [j.tag for j in self.joins.values()] + [x.tag for x in leaves]
 
     @property
     def full(self) -> bool:
@@ -116,7 +122,7 @@ class Rekeyer:
         self._settings = settings
         self._bootstrap = bootstrap_groups
         self._clock_ms = clock_ms
-        self._skew_warned = -math.inf
+        self._skew_warnings = LogThrottle()
         # Per group, the batches not yet proposed, oldest first: a request goes
         # to the first one that can take it (see `_batch`).
         self._batches: dict[str, list[_Batch]] = {}
@@ -189,7 +195,6 @@ class Rekeyer:
     def _queue_tag(self, tag: int, batch: _Batch) -> None:
         if tag:
             self._queued[tag] = batch
-            batch.tags.append(tag)
 
     async def _forward_to_leader(self, request: MembershipRequest) -> ApplyResult:
         waiter = self._forwarded[request.tag] = _Forwarded()
@@ -248,16 +253,13 @@ class Rekeyer:
         `CLOCK_SKEW_WARN_MS` is logged (at most once a minute): fix NTP."""
         local, latest = self._clock_ms(), self._driver.state.latest_ms
         lag = latest - local
-        if lag > CLOCK_SKEW_WARN_MS:
-            now = time.monotonic()
-            if now - self._skew_warned >= 60.0:
-                self._skew_warned = now
-                log.warning(
-                    "this node's clock is %.1f s behind the newest committed command; %s "
-                    "(check NTP on every node)",
-                    lag / 1000,
-                    "using that time" if lag <= CLOCK_CLAMP_MS else "too far to follow",
-                )
+        if lag > CLOCK_SKEW_WARN_MS and self._skew_warnings.ready():
+            log.warning(
+                "this node's clock is %.1f s behind the newest committed command; %s "
+                "(check NTP on every node)",
+                lag / 1000,
+                "using that time" if lag <= CLOCK_CLAMP_MS else "too far to follow",
+            )
         return latest if 0 < lag <= CLOCK_CLAMP_MS else local
 
     async def force(self, group: str, *, tek: bool = True, kek: bool = False) -> ApplyResult:

@@ -354,14 +354,12 @@ class GroupState:
             self._remember(digest)
             log.error("log entry %d is not a valid command, skipped: %s", index, exc)
             return ApplyResult(rejected=f"invalid command: {exc}")
-        before = self.applied_index
-        self.applied_index = index
         self._remember(digest)
-        try:
-            return self._apply(index, command)
-        except UpgradeRequired:
-            self.applied_index = before  # not applied: the node stops and waits for the upgrade
-            raise
+        # `UpgradeRequired` leaves the entry unapplied: the node stops and
+        # applies it once it runs the newer version.
+        result = self._apply(index, command)
+        self.applied_index = index
+        return result
 
     def _apply(self, index: int, command: Command) -> ApplyResult:
         self.latest_ms = max(self.latest_ms, command.now_ms)

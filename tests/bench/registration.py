@@ -55,7 +55,7 @@ import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -319,19 +319,45 @@ class Level:
         """The median round: one lucky or unlucky spell of a shared machine moves it little."""
         return statistics.median(r.per_s for r in self.rounds)
 
+    @property
+    def latencies_s(self) -> list[float]:
+        return [x for r in self.rounds for x in r.latencies_s]
+
     def summary(self, unit: str) -> dict[str, Any]:
-        latencies = [x for r in self.rounds for x in r.latencies_s]
         return {
             f"{unit}_per_s": round(self.per_s, 1),
             f"{unit}_per_s_rounds": [round(r.per_s, 1) for r in self.rounds],
             "concurrency": self.concurrency,
-            **percentiles(latencies),
+            **percentiles(self.latencies_s),
         }
 
 
-def _best(levels: Sequence[Level]) -> Level:
-    """The level with the highest median rate: the side's capacity."""
-    return max(levels, key=lambda level: level.per_s)
+@dataclass
+class Side:
+    """One side of the comparison: its job per member, its server processes,
+    its results per level and the CPU time its rounds used."""
+
+    job: Callable[[str], Callable[[], Awaitable[None]]]
+    pids: list[int]
+    levels: list[Level]
+    cpu: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def best(self) -> Level:
+        """The level with the highest median rate: the side's capacity."""
+        return max(self.levels, key=lambda level: level.per_s)
+
+    def totals(self) -> dict[str, int]:
+        rounds = [r for level in self.levels for r in level.rounds]
+        return {"ok": sum(r.ok for r in rounds), "failed": sum(r.failed for r in rounds)}
+
+    async def round(self, level: int, share: Sequence[str], deadline_s: float) -> None:
+        before = cpu_seconds(self.pids), time.process_time()
+        jobs = [self.job(m) for m in share]
+        self.levels[level].rounds.append(
+            await run_load(jobs, self.levels[level].concurrency, deadline_s)
+        )
+        _add_cpu(self.cpu, cpu_used(self.pids, before))
 
 
 async def bench(
@@ -360,54 +386,41 @@ async def bench(
             terms_before = [
                 s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
             ]
-            pids = [p.process.pid for p in cluster.nodes.values() if p.process is not None]
-            anchors = [Level(c, []) for c in levels]
-            ours = [Level(c, []) for c in levels]
-            anchor_cpu: dict[str, float] = {}
-            ours_cpu: dict[str, float] = {}
-
-            async def anchor_round(level: int, share: Sequence[str]) -> None:
-                before = cpu_seconds(anchor_pids), time.process_time()
-                jobs = [
-                    handshake_job(ports[assignment[m]], contexts[m], assignment[m]) for m in share
-                ]
-                anchors[level].rounds.append(await run_load(jobs, levels[level], deadline_s))
-                _add_cpu(anchor_cpu, cpu_used(anchor_pids, before))
-
-            async def our_round(level: int, share: Sequence[str]) -> None:
-                before = cpu_seconds(pids), time.process_time()
-                jobs = [
-                    registration_job(kit.ports[assignment[m]]["member"], contexts[m], assignment[m])
-                    for m in share
-                ]
-                ours[level].rounds.append(await run_load(jobs, levels[level], deadline_s))
-                _add_cpu(ours_cpu, cpu_used(pids, before))
-
+            anchor = Side(
+                lambda m: handshake_job(ports[assignment[m]], contexts[m], assignment[m]),
+                anchor_pids,
+                [Level(c, []) for c in levels],
+            )
+            ours = Side(
+                lambda m: registration_job(
+                    kit.ports[assignment[m]]["member"], contexts[m], assignment[m]
+                ),
+                [p.process.pid for p in cluster.nodes.values() if p.process is not None],
+                [Level(c, []) for c in levels],
+            )
             # Rounds interleave the two sides, which go first in turn, so that
             # a slow spell of a shared machine, or a warm cache, favours neither.
             for r in range(rounds):
                 for level, concurrency in enumerate(levels):
                     share = slices[r * len(levels) + level]
-                    sides = (anchor_round, our_round) if r % 2 == 0 else (our_round, anchor_round)
-                    for side in sides:
-                        await side(level, share)
+                    for side in (anchor, ours) if r % 2 == 0 else (ours, anchor):
+                        await side.round(level, share, deadline_s)
                     log(
                         f"round {r + 1}/{rounds}, {concurrency} in flight: "
-                        f"{anchors[level].rounds[-1].per_s:.1f} handshakes/s, "
-                        f"{ours[level].rounds[-1].per_s:.1f} registrations/s"
+                        f"{anchor.levels[level].rounds[-1].per_s:.1f} handshakes/s, "
+                        f"{ours.levels[level].rounds[-1].per_s:.1f} registrations/s"
                     )
             status = await cluster.nodes[nodes[0]].status()
             terms_after = [
                 s["term"] for s in [await n.status() for n in cluster.nodes.values()] if s
             ]
-        best_ours, best_anchor = _best(ours), _best(anchors)
+        best_ours, best_anchor = ours.best, anchor.best
         group_members = status["groups"]["demo"]["members"] if status else None
         return {
             "bench": "registration",
             "results": {
                 **best_ours.summary("registrations"),
-                "ok": sum(r.ok for level in ours for r in level.rounds),
-                "failed": sum(r.failed for level in ours for r in level.rounds),
+                **ours.totals(),
                 "members": members,
                 "group_members_after": group_members,
                 "nodes": 3,
@@ -420,26 +433,21 @@ async def bench(
                         "ratio": round(o.per_s / a.per_s, 3) if a.per_s else None,
                         "registrations_per_s_rounds": [round(r.per_s, 1) for r in o.rounds],
                         "handshakes_per_s_rounds": [round(r.per_s, 1) for r in a.rounds],
-                        "p50_ms": percentiles([x for r in o.rounds for x in r.latencies_s])[
-                            "p50_ms"
-                        ],
-                        "anchor_p50_ms": percentiles([x for r in a.rounds for x in r.latencies_s])[
-                            "p50_ms"
-                        ],
+                        "p50_ms": percentiles(o.latencies_s)["p50_ms"],
+                        "anchor_p50_ms": percentiles(a.latencies_s)["p50_ms"],
                     }
-                    for o, a in zip(ours, anchors, strict=True)
+                    for o, a in zip(ours.levels, anchor.levels, strict=True)
                 ],
                 "batch_interval_ms": batch_ms,
                 "tick_ms": TICK_MS,
                 "term_increase": max(terms_after) - max(terms_before),
-                "cpu_s": ours_cpu,
+                "cpu_s": ours.cpu,
             },
             "anchor": {
                 "what": "bare mutual TLS 1.3 handshakes, same certs and load generator",
                 **best_anchor.summary("handshakes"),
-                "ok": sum(r.ok for level in anchors for r in level.rounds),
-                "failed": sum(r.failed for level in anchors for r in level.rounds),
-                "cpu_s": anchor_cpu,
+                **anchor.totals(),
+                "cpu_s": anchor.cpu,
             },
             "ratio": round(best_ours.per_s / best_anchor.per_s, 3) if best_anchor.per_s else None,
         }
@@ -465,7 +473,7 @@ def main() -> None:
         "--concurrency",
         type=_levels,
         default=[100, 200, 400],
-        help="registrations in flight, one round per level (members split): 100,200,400",
+        help="registrations in flight, comma-separated levels: 100,200,400",
     )
     parser.add_argument("--batch-ms", type=int, default=50, help="policy batch interval")
     parser.add_argument(

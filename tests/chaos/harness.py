@@ -126,9 +126,9 @@ class _Run:
             tick_ms=config.tick_ms,
             snapshot_entries=config.snapshot_entries,
             group=group,
+            # The proxies' ports, not bound until they start: `free_ports` never
+            # hands them out again for the nodes.
             peer_address=lambda a, b: f"127.0.0.1:{self.peer_ports[(a, b)]}",
-            # Not bound until the proxy starts: the nodes' ports must not reuse them.
-            avoid_ports=ports,
         )
         self.cluster = ProcessCluster(self.kit)
         self.deaths: set[tuple[str, int]] = set()

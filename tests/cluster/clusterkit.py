@@ -12,7 +12,7 @@ import random
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,9 +51,9 @@ def _ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def free_ports(n: int, avoid: Collection[int] = ()) -> list[int]:
-    """Distinct loopback ports free for TCP and UDP now, none of them in `avoid`
-    (ports handed out earlier and not bound yet).
+def free_ports(n: int) -> list[int]:
+    """Distinct loopback ports free for TCP and UDP now, none handed out lately
+    by this process (a kit's, or a fault proxy's, not bound yet).
 
     They are bound only later, by the nodes. Drawn below the kernel's ephemeral
     range, so the local end of some connection made meanwhile (a peer link
@@ -65,7 +65,7 @@ def free_ports(n: int, avoid: Collection[int] = ()) -> list[int]:
     ports: list[int] = []
     while len(ports) < n:
         port = random.randint(first, last)
-        if port in avoid or port in ports or port in _HANDED_OUT or not _bindable(port):
+        if port in ports or port in _HANDED_OUT or not _bindable(port):
             continue
         ports.append(port)
     _HANDED_OUT.extend(ports)
@@ -108,17 +108,15 @@ def make_kit(
     snapshot_entries: int = 10_000,
     group: dict[str, object] | None = None,
     peer_address: Callable[[str, str], str] | None = None,
-    avoid_ports: Collection[int] = (),
 ) -> Kit:
     """`peer_address(from_node, to_node)`, if given, is the "HOST:PORT" that
     `from_node` dials to reach `to_node`'s peer port (a fault proxy per ordered
-    pair in chaos tests); every other address stays the same on every node.
-    `avoid_ports`: ports the caller handed out itself (the proxies')."""
+    pair in chaos tests); every other address stays the same on every node."""
     node_ids = [f"n{i}" for i in range(1, nodes + 1)]
     member_ids = [f"m{i}" for i in range(1, members + 1)]
     pki.pki_init(root / "pki", nodes=node_ids, members=member_ids, admins=["admin"])
     write_storage_key_file(root / "storage.key")
-    numbers = free_ports(5 * nodes + 1, avoid_ports)
+    numbers = free_ports(5 * nodes + 1)
     ports = {
         nid: dict(zip(("peer", "member", "probe", "ops", "admin"), numbers[5 * i : 5 * i + 5]))
         for i, nid in enumerate(node_ids)

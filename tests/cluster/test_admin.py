@@ -19,7 +19,7 @@ from gcks.cluster.admin import AdminError, AdminRequest
 from gcks.cluster.admincli import Target
 from gcks.cluster.config import Address
 from tests.cluster.clusterkit import admin_call, admin_context, make_kit
-from tests.cluster.test_node_inprocess import start_cluster, wait_for_group
+from tests.cluster.test_node_inprocess import start_cluster
 
 
 @pytest.mark.parametrize("op", ["cluster.add-node", "cluster.add-learner", "cluster.promote"])
@@ -31,8 +31,7 @@ async def test_membership_change_naming_an_impossible_node_id_is_refused(
     kit = make_kit(tmp_path, nodes=1, members=1)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            nodes = await start_cluster(kit, nursery)
-            await wait_for_group(nodes)
+            await start_cluster(kit, nursery)
             for bad in ("", "bad/id", "n 2"):
                 with pytest.raises(AdminError) as caught:
                     await admin_call(kit, "n1", op, {"node": bad})
@@ -80,8 +79,7 @@ async def test_an_answer_past_the_frame_limit_is_a_typed_error_and_the_listener_
     kit = make_kit(tmp_path, nodes=1, members=1)
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:
-            nodes = await start_cluster(kit, nursery)
-            await wait_for_group(nodes)
+            await start_cluster(kit, nursery)
             full = await admin_call(kit, "n1", "status")
             with monkeypatch.context() as patch:
                 patch.setattr(admin_module, "MAX_ADMIN_FRAME", 150)

@@ -26,11 +26,13 @@ from tests.cluster.clusterkit import Kit, admin_call, connect, make_kit, registe
 
 
 async def start_cluster(kit: Kit, nursery: trio.Nursery) -> dict[str, Node]:
+    """Every node of `kit`, started in `nursery`, once each has the demo group."""
     nodes = {}
     for nid in kit.node_ids:
         node = Node(load_config(kit.config(nid)))
         await nursery.start(node.run)
         nodes[nid] = node
+    await wait_for_group(nodes)
     return nodes
 
 
@@ -46,7 +48,6 @@ async def test_registration_at_every_node_gives_the_same_keys(tmp_path: Path) ->
     kit = make_kit(tmp_path)
     async with trio.open_nursery() as nursery:
         nodes = await start_cluster(kit, nursery)
-        await wait_for_group(nodes)
         answers = [await register(kit, f"m{i + 1}", nid) for i, nid in enumerate(kit.node_ids)]
         last = answers[-1]
         # Every member registered at a different node; the last answer is the
@@ -64,7 +65,6 @@ async def test_members_that_hung_up_leave_no_trace_in_the_registrar(tmp_path: Pa
     kit = make_kit(tmp_path)
     async with trio.open_nursery() as nursery:
         nodes = await start_cluster(kit, nursery)
-        await wait_for_group(nodes)
         for i in range(3):
             await register(kit, f"m{i + 1}", "n1")
         registrar = nodes["n1"].registrar
@@ -88,7 +88,6 @@ async def test_registrations_at_every_node_within_one_interval_make_one_rekey(
     kit = make_kit(tmp_path, members=6, group={"batch_interval_ms": 1500})
     async with trio.open_nursery() as nursery:
         nodes = await start_cluster(kit, nursery)
-        await wait_for_group(nodes)
         driver = nodes["n1"].driver
         assert driver is not None
         before = driver.state.msg_id("demo")
@@ -113,8 +112,7 @@ async def test_registrations_at_every_node_within_one_interval_make_one_rekey(
 async def test_re_registration_at_any_node_returns_the_identical_gsa(tmp_path: Path) -> None:
     kit = make_kit(tmp_path)
     async with trio.open_nursery() as nursery:
-        nodes = await start_cluster(kit, nursery)
-        await wait_for_group(nodes)
+        await start_cluster(kit, nursery)
         first = await register(kit, "m1", "n1")
         again = [await register(kit, "m1", nid) for nid in kit.node_ids]
         for answer in again:
@@ -128,7 +126,6 @@ async def test_a_new_member_is_pushed_the_entries_after_its_gsa_not_the_one_in_i
     kit = make_kit(tmp_path)
     async with trio.open_nursery() as nursery:
         nodes = await start_cluster(kit, nursery)
-        await wait_for_group(nodes)
         registrar = nodes["n1"].registrar
         assert registrar is not None
         session = await connect(kit, "m1", "n1")
@@ -183,8 +180,7 @@ async def test_registration_goes_on_after_the_leader_stops(tmp_path: Path) -> No
 async def test_admin_evicts_a_member_and_lists_groups_from_any_node(tmp_path: Path) -> None:
     kit = make_kit(tmp_path)
     async with trio.open_nursery() as nursery:
-        nodes = await start_cluster(kit, nursery)
-        await wait_for_group(nodes)
+        await start_cluster(kit, nursery)
         await register(kit, "m1", "n1")
         await register(kit, "m2", "n2")
         members = await admin_call(kit, "n3", "member.list", {"group": "demo"})
@@ -213,7 +209,6 @@ async def test_an_admin_policy_update_that_drops_a_members_authorization_removes
     kit = make_kit(tmp_path)
     async with trio.open_nursery() as nursery:
         nodes = await start_cluster(kit, nursery)
-        await wait_for_group(nodes)
         await register(kit, "m1", "n1")
         await register(kit, "m2", "n2")
         driver = nodes["n1"].driver
@@ -273,7 +268,6 @@ async def test_metrics_count_what_each_peer_link_carries(tmp_path: Path) -> None
     kit = make_kit(tmp_path)
     async with trio.open_nursery() as nursery:
         nodes = await start_cluster(kit, nursery)
-        await wait_for_group(nodes)
         await register(kit, "m1", "n2")
         # The leader replicates to both others (followers talk to the leader only).
         leader = next(n for n in nodes.values() if n.status()["role"] == "leader")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import pytest
 import trio
@@ -55,7 +56,13 @@ class _Driver:
 
 
 def _driver(**overrides: object) -> _Driver:
-    driver = _Driver()
+    return _with_group(_Driver(), **overrides)
+
+
+_D = TypeVar("_D", bound=_Driver)
+
+
+def _with_group(driver: _D, **overrides: object) -> _D:
     create = CreateGroup(policy(**overrides), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0)
     driver.state.apply(1, encode_command(create))
     return driver
@@ -396,30 +403,45 @@ class _OrderedDriver(_Driver):
         return result
 
 
+def _ordered_driver(*, m1_member: bool) -> _OrderedDriver:
+    driver = _with_group(_OrderedDriver(), batch_interval_ms=5000)
+    if m1_member:
+        driver.state.apply(2, encode_command(_join_command("m1")))
+    return driver
+
+
+async def _m1_requests(driver: _Driver, *kinds: str) -> list[ApplyResult]:
+    """Run a rekeyer on `driver` and make m1's requests ("join", or "leave": a
+    deregistration) one after another, each queued before the next; their answers."""
+    rekeyer = _rekeyer(driver)
+    results: dict[int, ApplyResult] = {}
+
+    async def request(position: int, kind: str) -> None:
+        if kind == "join":
+            results[position] = await rekeyer.join("demo", "m1", Role.RECEIVER, None)
+        else:
+            results[position] = await rekeyer.leave("demo", "m1", LeaveReason.DEREGISTER)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rekeyer.run)
+            async with trio.open_nursery() as pending:
+                for position, kind in enumerate(kinds):
+                    pending.start_soon(request, position, kind)
+                    await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+    return [results[position] for position in range(len(kinds))]
+
+
 async def test_batches_of_one_group_are_proposed_in_the_order_they_opened(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # A leave, then two registrations of the same member: each opens a later
     # batch, and all three intervals end at the same instant. No registration
     # may overtake the leave, or the member would end up outside the group.
-    for _ in range(10):  # the two flushes wake in a random order
-        driver = _OrderedDriver()
-        create = CreateGroup(
-            policy(batch_interval_ms=5000), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0
-        )
-        driver.state.apply(1, encode_command(create))
-        driver.state.apply(2, encode_command(_join_command("m1")))
-        rekeyer = _rekeyer(driver)
-        with trio.fail_after(60):
-            async with trio.open_nursery() as nursery:
-                await nursery.start(rekeyer.run)
-                async with trio.open_nursery() as requests:
-                    requests.start_soon(rekeyer.leave, "demo", "m1", LeaveReason.DEREGISTER)
-                    await trio.testing.wait_all_tasks_blocked()
-                    requests.start_soon(rekeyer.join, "demo", "m1", Role.RECEIVER, None)
-                    await trio.testing.wait_all_tasks_blocked()
-                    requests.start_soon(rekeyer.join, "demo", "m1", Role.RECEIVER, None)
-                nursery.cancel_scope.cancel()
+    for _ in range(10):  # the flushes wake in a random order
+        driver = _ordered_driver(m1_member=True)
+        await _m1_requests(driver, "leave", "join", "join")
         shapes = [(len(c.leaves), len(c.joins)) for c in driver.order]
         assert shapes == [(1, 0), (0, 1), (0, 1)], "the leave's batch goes first"
         assert driver.state.is_member("demo", "m1")
@@ -428,21 +450,8 @@ async def test_batches_of_one_group_are_proposed_in_the_order_they_opened(
 async def test_a_leave_after_two_registrations_of_a_member_is_not_overtaken_by_them(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    driver = _OrderedDriver()
-    create = CreateGroup(
-        policy(batch_interval_ms=5000), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0
-    )
-    driver.state.apply(1, encode_command(create))
-    rekeyer = _rekeyer(driver)
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rekeyer.run)
-            async with trio.open_nursery() as requests:
-                for _ in range(2):
-                    requests.start_soon(rekeyer.join, "demo", "m1", Role.RECEIVER, None)
-                    await trio.testing.wait_all_tasks_blocked()
-                requests.start_soon(rekeyer.leave, "demo", "m1", LeaveReason.DEREGISTER)
-            nursery.cancel_scope.cancel()
+    driver = _ordered_driver(m1_member=False)
+    await _m1_requests(driver, "join", "join", "leave")
     shapes = [(len(c.joins), len(c.leaves)) for c in driver.order]
     assert shapes == [(1, 0), (1, 1)], "the leave goes with the later registration"
     assert not driver.state.is_member("demo", "m1"), "the last request was the leave"
@@ -562,28 +571,10 @@ async def test_an_eviction_and_a_deregistration_in_one_batch_stay_an_eviction(
 async def test_a_registration_after_a_deregistration_in_one_interval_takes_effect(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    driver = _OrderedDriver()
-    create = CreateGroup(
-        policy(batch_interval_ms=5000), b"\x01" * 32, b"\x02" * 32, b"\x03" * 32, T0
-    )
-    driver.state.apply(1, encode_command(create))
-    driver.state.apply(2, encode_command(_join_command("m1")))
-    rekeyer = _rekeyer(driver)
-    results: list[ApplyResult] = []
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(rekeyer.run)
-            async with trio.open_nursery() as requests:
-                requests.start_soon(rekeyer.leave, "demo", "m1", LeaveReason.DEREGISTER)
-                await trio.testing.wait_all_tasks_blocked()
-
-                async def rejoin() -> None:
-                    results.append(await rekeyer.join("demo", "m1", Role.RECEIVER, None))
-
-                requests.start_soon(rejoin)
-            nursery.cancel_scope.cancel()
+    driver = _ordered_driver(m1_member=True)
+    _, rejoined = await _m1_requests(driver, "leave", "join")
     assert [(len(c.leaves), len(c.joins)) for c in driver.order] == [(1, 0), (0, 1)]
-    assert ("demo", "m1") in results[0].joined, "the join is not lost behind the leave"
+    assert ("demo", "m1") in rejoined.joined, "the join is not lost behind the leave"
     assert driver.state.is_member("demo", "m1")
 
 
