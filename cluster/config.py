@@ -142,6 +142,15 @@ class PeerLinkConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MemberLinkConfig:
+    """Bounds of the member listener: open connections, and the deadline of a
+    TLS handshake."""
+
+    max_connections: int = 100_000
+    handshake_timeout_ms: int = 5000
+
+
+@dataclass(frozen=True, slots=True)
 class MulticastConfig:
     """Outgoing multicast: the IPv4 address of the interface to send on (0.0.0.0:
     the routing table decides) and the TTL (1: never leaves the local network)."""
@@ -166,6 +175,7 @@ class NodeConfig:
     storage_key: bytes = field(repr=False)
     raft: RaftTiming = RaftTiming()
     peer_link: PeerLinkConfig = PeerLinkConfig()
+    member_link: MemberLinkConfig = MemberLinkConfig()
     multicast: MulticastConfig = MulticastConfig()
     groups: tuple[GroupPolicy, ...] = ()
     log_level: str = "info"
@@ -217,6 +227,8 @@ KEYS: Final = (
     "peer_link.receive_queue_frames",
     "peer_link.max_pending_handshakes",
     "peer_link.max_frame_bytes",
+    "member_link.max_connections",
+    "member_link.handshake_timeout_ms",
     "multicast.interface",
     "multicast.ttl",
 )
@@ -239,6 +251,8 @@ _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
     "peer_link.receive_queue_frames": (1, 1_000_000),
     "peer_link.max_pending_handshakes": (1, 10_000),
     "peer_link.max_frame_bytes": (1024, 0xFFFF_FFFF),
+    "member_link.max_connections": (1, 10_000_000),
+    "member_link.handshake_timeout_ms": (1, 600_000),
     "multicast.ttl": (0, 255),
 }
 _PEER_KEYS: Final = ("peer", "member", "probe", "ops", "admin")
@@ -343,6 +357,7 @@ class _Validator:
             raise ConfigError(
                 "peer_link.send_queue_bytes", "must be at least max_frame_bytes (one frame)"
             )
+        member_link = MemberLinkConfig(**self._ints("member_link", MemberLinkConfig()))
         multicast = MulticastConfig(
             interface=self._get("multicast.interface", MulticastConfig().interface, self._ipv4),
             ttl=self._int("multicast.ttl", MulticastConfig().ttl),
@@ -369,6 +384,7 @@ class _Validator:
             storage_key=self._storage_key(),
             raft=raft,
             peer_link=peer_link,
+            member_link=member_link,
             multicast=multicast,
             groups=self._group_list(),
             log_level=self._get("log_level", "info", self._log_level),

@@ -178,7 +178,10 @@ class Node:
             rekeyer,
             self.nodes(),
             node_tls.member_server,
-            RegistrarSettings(),
+            RegistrarSettings(
+                handshake_timeout_s=cfg.member_link.handshake_timeout_ms / 1000,
+                max_connections=cfg.member_link.max_connections,
+            ),
         )
         async with trio.open_nursery() as nursery:
             await nursery.start(self.sender.run)
@@ -313,6 +316,19 @@ class Node:
             registrar.stats.pushes_dropped,
         )
         yield one("gcks_members_attached", gauge, "Member connections here.", registrar.attached)
+        yield one(
+            "gcks_member_connections_refused_total",
+            counter,
+            "Member connections closed unserved: over the limit, a failed handshake "
+            "or a wrong role.",
+            registrar.stats.refused,
+        )
+        yield one(
+            "gcks_member_handshakes_waiting",
+            gauge,
+            "Member handshakes with bytes to work on, waiting for their turn (oldest first).",
+            registrar.handshakes_waiting,
+        )
         if self.tls is not None:
             yield one(
                 "gcks_tls_cert_expiry_timestamp_seconds",

@@ -9,6 +9,10 @@ built at that exact log index, so any node would have answered the same.
 Failures are typed `ErrorAnswer`s (unknown group, unauthorized, no quorum
 within the deadline), never a hang.
 
+Handshakes get the CPU oldest first (`gcks.cluster.handshakes`), so that a
+storm of reconnecting members is served in order instead of timing out
+together.
+
 The connection then stays open: every rekey datagram this node applies for
 the member's groups is pushed to it as a `RekeyPush` (the same bytes as the
 multicast copy), for networks that multicast does not reach.
@@ -32,6 +36,7 @@ from gcks.cluster import tlslisten
 from gcks.cluster.commands import LeaveReason
 from gcks.cluster.config import Address
 from gcks.cluster.driver import NoQuorum, RaftDriver
+from gcks.cluster.handshakes import HandshakeTurns
 from gcks.cluster.raft.errors import NotLeader, RaftError
 from gcks.cluster.rekeyer import Rekeyer
 from gcks.cluster.state import ApplyResult, Outbound
@@ -71,7 +76,7 @@ class RegistrarSettings:
 @dataclass
 class RegistrarStats:
     connections: int = 0
-    refused: int = 0
+    refused: int = 0  # over the limit, a failed handshake or a wrong role
     registrations: int = 0
     registration_errors: int = 0
     bad_frames: int = 0
@@ -200,6 +205,7 @@ class Registrar:
         # it is already in the GSA, so pushing it would be wasted work).
         self._pending: dict[tuple[str, str], set[_MemberLink]] = defaultdict(set)
         self._open = 0
+        self._turns = HandshakeTurns()  # oldest handshake first: see gcks.cluster.handshakes
         self.stats = RegistrarStats()
 
     # ------------------------------------------------------------ apply hook
@@ -233,6 +239,11 @@ class Registrar:
             if link.member_id == member_id:
                 self._unlink(link, group)
                 link.groups.discard(group)
+
+    @property
+    def handshakes_waiting(self) -> int:
+        """Handshakes with bytes to work on, waiting for their turn."""
+        return self._turns.waiting
 
     @property
     def attached(self) -> int:
@@ -272,7 +283,11 @@ class Registrar:
         self.stats.connections += 1
         try:
             stream, identity = await tlslisten.accept(
-                tcp, self._context, CertRole.MEMBER, self._settings.handshake_timeout_s
+                tcp,
+                self._context,
+                CertRole.MEMBER,
+                self._settings.handshake_timeout_s,
+                turns=self._turns,
             )
         except tlslisten.Refused as exc:
             self.stats.refused += 1

@@ -20,6 +20,7 @@ from typing import Any
 import trio
 
 from gcks.cluster.config import Address
+from gcks.cluster.handshakes import HandshakeTurns, TurnTakingStream
 from gcks.cluster.tls import verify_peer
 from gcks.proto.errors import IdentityError
 from gcks.proto.identity import Identity, Role
@@ -44,10 +45,17 @@ async def serve(
 
 
 async def accept(
-    tcp: trio.SocketStream, context: ssl.SSLContext, role: Role, timeout_s: float
+    tcp: trio.SocketStream,
+    context: ssl.SSLContext,
+    role: Role,
+    timeout_s: float,
+    *,
+    turns: HandshakeTurns | None = None,
 ) -> tuple[trio.SSLStream[Any], Identity]:
-    """The TLS stream and the verified identity of an accepted connection, or `Refused`."""
-    stream = trio.SSLStream(tcp, context, server_side=True)
+    """The TLS stream and the verified identity of an accepted connection, or
+    `Refused`. With `turns`, the handshake's CPU steps wait for their turn."""
+    transport = tcp if turns is None else TurnTakingStream(tcp, turns)
+    stream = trio.SSLStream(transport, context, server_side=True)
     try:
         with trio.fail_after(timeout_s):
             await stream.do_handshake()
@@ -55,6 +63,9 @@ async def accept(
     except (trio.BrokenResourceError, trio.TooSlowError, IdentityError) as exc:
         await trio.aclose_forcefully(stream)
         raise Refused(str(exc) or type(exc).__name__) from None
+    finally:
+        if isinstance(transport, TurnTakingStream):
+            transport.handshake_done()
 
 
 def remote(tcp: trio.SocketStream) -> str:

@@ -16,6 +16,7 @@ from gcks.cluster.config import (
     KEYS,
     Address,
     ConfigError,
+    MemberLinkConfig,
     MulticastConfig,
     NodeConfig,
     PeerLinkConfig,
@@ -124,6 +125,9 @@ def test_a_complete_file_loads_with_lan_defaults(pki_dir: Path, tmp_path: Path) 
     assert str(config.admin_listen) == "[::1]:7441"
     assert config.raft == RaftTiming(tick_ms=100, election_ticks=10, heartbeat_ticks=1)
     assert config.peer_link == PeerLinkConfig()
+    assert config.member_link == MemberLinkConfig(
+        max_connections=100_000, handshake_timeout_ms=5000
+    )
     assert config.multicast.ttl == 1
     assert config.storage_key == bytes.fromhex(KEY_HEX)
     assert set(config.peers) == {"n1", "n2"}
@@ -268,6 +272,7 @@ def test_environment_overrides_the_file(
         "GCKS_DATA_DIR": "elsewhere",
         "GCKS_RAFT_TICK_MS": "50",
         "GCKS_PEER_LINK_SEND_QUEUE_FRAMES": "16",
+        "GCKS_MEMBER_LINK_HANDSHAKE_TIMEOUT_MS": "800",
         "GCKS_LOG_LEVEL": "DEBUG",
         "GCKS_STORAGE_KEY": "ab" * 32,
         "GCKS_UNRELATED": "ignored",
@@ -277,6 +282,7 @@ def test_environment_overrides_the_file(
     assert config.data_dir == Path("elsewhere")  # environment paths: relative to the cwd
     assert config.raft.tick_ms == 50
     assert config.peer_link.send_queue_frames == 16
+    assert config.member_link.handshake_timeout_ms == 800
     assert config.log_level == "debug"
     assert config.storage_key == bytes.fromhex("ab" * 32)
     assert set(config.other_peers) == {"n1"}
@@ -369,6 +375,7 @@ def test_every_setting_field_is_a_configurable_key() -> None:
     for section, cls in [
         ("raft", RaftTiming),
         ("peer_link", PeerLinkConfig),
+        ("member_link", MemberLinkConfig),
         ("multicast", MulticastConfig),
         ("tls", TlsConfig),
     ]:

@@ -286,4 +286,15 @@ async def test_metrics_count_what_each_peer_link_carries(tmp_path: Path) -> None
             "gcks_rekeys_dropped_total",
         ):
             assert [s.value for s in families[name].samples] == [0], name
+        # A connection that hangs up before its handshake is counted as refused.
+        member_port = kit.ports[leader.config.node_id]["member"]
+        await (await trio.open_tcp_stream("127.0.0.1", member_port)).aclose()
+
+        def member_link(name: str) -> float:
+            return next(iter(f for f in leader.metrics() if f.name == name)).samples[0].value
+
+        with trio.fail_after(10):
+            while member_link("gcks_member_connections_refused_total") != 1:
+                await trio.sleep(0.01)
+        assert member_link("gcks_member_handshakes_waiting") == 0
         nursery.cancel_scope.cancel()

@@ -8,6 +8,8 @@ its limit and cuts off a member whose pushes cannot be written in time.
 from __future__ import annotations
 
 import dataclasses
+import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -167,6 +169,43 @@ async def test_member_connections_beyond_the_limit_are_refused_before_the_handsh
             assert registrar.stats.refused == 1
             await second.aclose()
             await first.aclose()
+            nursery.cancel_scope.cancel()
+
+
+def _member_context(root: Path) -> ssl.SSLContext:
+    crt, key = pki.cert_paths(root, CertRole.MEMBER, "m1")
+    return member_client_context(cluster_ca=root / "ca/cluster.crt", cert=crt, key=key)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await trio.sleep(0.01)
+
+
+async def test_member_handshakes_compute_only_with_their_turn(tmp_path: Path) -> None:
+    registrar = _registrar(RegistrarSettings(handshake_timeout_s=60.0), tmp_path / "pki")
+    client_context = _member_context(tmp_path / "pki")
+    done = trio.Event()
+
+    async def member(port: int) -> None:
+        stream = trio.SSLStream(
+            await trio.open_tcp_stream("127.0.0.1", port), client_context, server_hostname=None
+        )
+        await stream.do_handshake()
+        done.set()
+        await stream.aclose()
+
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(registrar.serve, Address("127.0.0.1", 0))
+            await registrar._turns.take(-1)  # an older handshake is computing
+            nursery.start_soon(member, bound[0].port)
+            await _until(lambda: registrar.handshakes_waiting == 1)  # its ClientHello came
+            assert not done.is_set()
+            registrar._turns.give_back()
+            await done.wait()
+            assert registrar.handshakes_waiting == 0
+            assert registrar.stats.refused == 0
             nursery.cancel_scope.cancel()
 
 

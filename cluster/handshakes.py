@@ -1,0 +1,116 @@
+"""Oldest first: the order in which a listener's TLS handshakes get the CPU.
+
+Concurrent handshakes on one event loop advance in lockstep: every step of
+every handshake runs before the next step of any, so each handshake takes as
+long as all of them together. In a storm (the members of a killed node all
+arriving at a survivor) that is past any deadline: every handshake times out,
+the members retry, and the next storm does the same. Ordered by age instead,
+handshakes finish one after another at the rate the CPU allows, and the
+youngest are the ones that wait.
+
+So a handshake runs its CPU steps only with the turn, and the turn goes to
+the oldest connection waiting for it. A handshake waiting for its peer's
+bytes holds no turn: a stalled or slow peer delays nobody (a cap on
+concurrent handshakes would let a few stalled peers hold every slot).
+
+`TurnTakingStream` is the transport an `SSLStream` handshakes over: it gives
+the turn back whenever the TLS layer goes to the network and takes it again
+before the TLS layer computes on what came back. After the handshake it only
+passes bytes through.
+
+May import trio only.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+
+import trio
+
+
+class HandshakeTurns:
+    """One handshake step at a time, oldest connection first."""
+
+    def __init__(self) -> None:
+        self._held = False
+        self._heap: list[int] = []  # tickets waiting; some may have given up
+        self._waiting: dict[int, trio.Event] = {}  # tickets still waiting, and their wake-up
+        self._tickets = itertools.count()
+
+    def ticket(self) -> int:
+        """A connection's place in line: lower is older."""
+        return next(self._tickets)
+
+    @property
+    def waiting(self) -> int:
+        """Handshakes with bytes to work on, waiting for the turn."""
+        return len(self._waiting)
+
+    async def take(self, ticket: int) -> None:
+        if not self._held:
+            self._held = True  # no checkpoint: a cancellation now would lose the turn
+            return
+        event = trio.Event()
+        self._waiting[ticket] = event
+        heapq.heappush(self._heap, ticket)
+        try:
+            await event.wait()
+        except BaseException:
+            if event.is_set():
+                self.give_back()  # handed to us as we were cancelled: pass it on
+            else:
+                del self._waiting[ticket]  # its heap entry is skipped later
+            raise
+
+    def give_back(self) -> None:
+        while self._heap:
+            event = self._waiting.pop(heapq.heappop(self._heap), None)
+            if event is not None:
+                event.set()  # handed over: the turn stays held
+                return
+        self._held = False
+
+
+class TurnTakingStream(trio.abc.Stream):
+    """A TCP stream that holds `turns` for its TLS handshake's CPU steps."""
+
+    def __init__(self, tcp: trio.SocketStream, turns: HandshakeTurns) -> None:
+        self.tcp = tcp
+        self._turns: HandshakeTurns | None = turns
+        self._ticket = turns.ticket()
+        self._holding = False
+
+    def handshake_done(self) -> None:
+        """From now on bytes only pass through; a turn still held goes back."""
+        self._leave()
+        self._turns = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        self._leave()
+        await self.tcp.send_all(data)
+        await self._enter()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        self._leave()
+        data = await self.tcp.receive_some(max_bytes)
+        await self._enter()
+        return data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.tcp.wait_send_all_might_not_block()
+
+    async def aclose(self) -> None:
+        self.handshake_done()
+        await self.tcp.aclose()
+
+    async def _enter(self) -> None:
+        if self._turns is not None:
+            await self._turns.take(self._ticket)
+            self._holding = True
+
+    def _leave(self) -> None:
+        if self._holding:
+            self._holding = False
+            assert self._turns is not None
+            self._turns.give_back()

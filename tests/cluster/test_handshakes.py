@@ -1,0 +1,120 @@
+"""Oldest-first handshake turns: who computes next, and who holds nothing."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import trio
+import trio.testing
+
+from gcks.cluster.handshakes import HandshakeTurns, TurnTakingStream
+
+
+async def _waiters(turns: HandshakeTurns, tickets: list[int], order: list[int]) -> None:
+    """Start a task per ticket, in the order given, each waiting for the turn."""
+
+    async def wait(ticket: int) -> None:
+        await turns.take(ticket)
+        order.append(ticket)
+        turns.give_back()
+
+    async with trio.open_nursery() as nursery:
+        for ticket in tickets:
+            nursery.start_soon(wait, ticket)
+            await trio.testing.wait_all_tasks_blocked()
+        turns.give_back()  # the test's own turn, taken before
+
+
+async def test_the_turn_goes_to_the_oldest_ticket_waiting_not_the_first_to_ask() -> None:
+    turns = HandshakeTurns()
+    await turns.take(100)
+    order: list[int] = []
+    await _waiters(turns, [7, 3, 9, 5], order)
+    assert order == [3, 5, 7, 9]
+    assert turns.waiting == 0
+    with trio.fail_after(5):
+        await turns.take(0)  # free again: taken at once
+    turns.give_back()
+
+
+async def test_a_waiter_cancelled_before_its_turn_is_skipped() -> None:
+    turns = HandshakeTurns()
+    await turns.take(100)
+    order: list[int] = []
+    async with trio.open_nursery() as nursery:
+        gave_up = trio.CancelScope()
+        nursery.start_soon(_take_and_record, turns, 1, order, gave_up)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(_take_and_record, turns, 2, order, None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert turns.waiting == 2
+        gave_up.cancel()
+        await trio.testing.wait_all_tasks_blocked()
+        assert turns.waiting == 1
+        turns.give_back()
+    assert order == [2]
+
+
+async def test_a_turn_handed_to_a_waiter_being_cancelled_is_passed_on() -> None:
+    turns = HandshakeTurns()
+    await turns.take(100)
+    order: list[int] = []
+    with trio.fail_after(5):  # a turn kept by the cancelled waiter would hang ticket 2
+        async with trio.open_nursery() as nursery:
+            first = trio.CancelScope()
+            nursery.start_soon(_take_and_record, turns, 1, order, first)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(_take_and_record, turns, 2, order, None)
+            await trio.testing.wait_all_tasks_blocked()
+            first.cancel()  # ticket 1 is cancelled, and before it runs again ...
+            turns.give_back()  # ... the turn is handed to it: it must pass it on
+        await turns.take(0)  # nobody holds it now
+    assert order == [2]
+
+
+async def _take_and_record(
+    turns: HandshakeTurns, ticket: int, order: list[int], scope: trio.CancelScope | None
+) -> None:
+    with scope or trio.CancelScope():
+        await turns.take(ticket)
+        order.append(ticket)
+        turns.give_back()
+
+
+async def test_a_handshake_waiting_for_its_peer_holds_no_turn() -> None:
+    turns = HandshakeTurns()
+    _peer, ours = trio.testing.memory_stream_pair()
+    stream = TurnTakingStream(cast(trio.SocketStream, ours), turns)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.receive_some)  # the peer sends nothing
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(1):
+            await turns.take(0)  # free: the silent peer holds nothing
+        turns.give_back()
+        nursery.cancel_scope.cancel()
+
+
+async def test_bytes_from_the_peer_are_worked_on_only_with_the_turn() -> None:
+    turns = HandshakeTurns()
+    peer, ours = trio.testing.memory_stream_pair()
+    stream = TurnTakingStream(cast(trio.SocketStream, ours), turns)
+    received: list[bytes] = []
+
+    async def handshake_step() -> None:
+        received.append(bytes(await stream.receive_some()))
+
+    await turns.take(-1)  # an older handshake is computing
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handshake_step)
+        await peer.send_all(b"ClientHello")
+        await trio.testing.wait_all_tasks_blocked()
+        assert received == []
+        assert turns.waiting == 1
+        turns.give_back()
+    assert received == [b"ClientHello"]
+    stream.handshake_done()  # gives the turn back
+    with trio.fail_after(5):
+        await turns.take(0)
+    turns.give_back()
+    await peer.send_all(b"after")
+    assert await stream.receive_some() == b"after", "after the handshake: passes through"
