@@ -15,8 +15,8 @@ concurrent handshakes would let a few stalled peers hold every slot).
 
 `TurnTakingStream` is the transport an `SSLStream` handshakes over: it gives
 the turn back whenever the TLS layer goes to the network and takes it again
-before the TLS layer computes on what came back. After the handshake it only
-passes bytes through.
+before the TLS layer computes on bytes that came in. After the handshake it
+only passes bytes through.
 
 May import trio only.
 """
@@ -35,7 +35,7 @@ class HandshakeTurns:
     def __init__(self) -> None:
         self._held = False
         self._heap: list[int] = []  # tickets waiting; some may have given up
-        self._waiting: dict[int, trio.Event] = {}  # tickets still waiting, and their wake-up
+        self._waiting: dict[int, trio.lowlevel.Task] = {}  # tickets still waiting
         self._tickets = itertools.count()
 
     def ticket(self) -> int:
@@ -51,23 +51,22 @@ class HandshakeTurns:
         if not self._held:
             self._held = True  # no checkpoint: a cancellation now would lose the turn
             return
-        event = trio.Event()
-        self._waiting[ticket] = event
+        self._waiting[ticket] = trio.lowlevel.current_task()
         heapq.heappush(self._heap, ticket)
-        try:
-            await event.wait()
-        except BaseException:
-            if event.is_set():
-                self.give_back()  # handed to us as we were cancelled: pass it on
-            else:
-                del self._waiting[ticket]  # its heap entry is skipped later
-            raise
+
+        def abort(_: trio.lowlevel.RaiseCancelT) -> trio.lowlevel.Abort:
+            # Not handed the turn yet (that would have rescheduled us): leave
+            # the line; the heap entry is skipped when it comes up.
+            del self._waiting[ticket]
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        await trio.lowlevel.wait_task_rescheduled(abort)
 
     def give_back(self) -> None:
         while self._heap:
-            event = self._waiting.pop(heapq.heappop(self._heap), None)
-            if event is not None:
-                event.set()  # handed over: the turn stays held
+            task = self._waiting.pop(heapq.heappop(self._heap), None)
+            if task is not None:
+                trio.lowlevel.reschedule(task)  # handed over: the turn stays held
                 return
         self._held = False
 
@@ -87,9 +86,10 @@ class TurnTakingStream(trio.abc.Stream):
         self._turns = None
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        # Not taken again afterwards: what follows a flight is a wait for the
+        # peer's answer, and waiting a turn to find that out would be wasted.
         self._leave()
         await self.tcp.send_all(data)
-        await self._enter()
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         self._leave()

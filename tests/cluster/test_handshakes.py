@@ -55,11 +55,11 @@ async def test_a_waiter_cancelled_before_its_turn_is_skipped() -> None:
     assert order == [2]
 
 
-async def test_a_turn_handed_to_a_waiter_being_cancelled_is_passed_on() -> None:
+async def test_a_waiter_cancelled_just_before_the_hand_over_does_not_get_the_turn() -> None:
     turns = HandshakeTurns()
     await turns.take(100)
     order: list[int] = []
-    with trio.fail_after(5):  # a turn kept by the cancelled waiter would hang ticket 2
+    with trio.fail_after(5):  # a turn given to the cancelled waiter would hang ticket 2
         async with trio.open_nursery() as nursery:
             first = trio.CancelScope()
             nursery.start_soon(_take_and_record, turns, 1, order, first)
@@ -67,7 +67,7 @@ async def test_a_turn_handed_to_a_waiter_being_cancelled_is_passed_on() -> None:
             nursery.start_soon(_take_and_record, turns, 2, order, None)
             await trio.testing.wait_all_tasks_blocked()
             first.cancel()  # ticket 1 is cancelled, and before it runs again ...
-            turns.give_back()  # ... the turn is handed to it: it must pass it on
+            turns.give_back()  # ... the turn is given back: it must go to ticket 2
         await turns.take(0)  # nobody holds it now
     assert order == [2]
 
