@@ -8,8 +8,8 @@ the members retry, and the next storm does the same. Ordered by age instead,
 handshakes finish one after another at the rate the CPU allows, and the
 youngest are the ones that wait.
 
-So a handshake runs its CPU steps only with the turn, and the turn goes to
-the oldest connection waiting for it. A handshake waiting for its peer's
+So a handshake runs its CPU steps only with a turn (there are a few), and a
+turn given back goes to the oldest connection waiting for one. A handshake waiting for its peer's
 bytes holds no turn: a stalled or slow peer delays nobody (a cap on
 concurrent handshakes would let a few stalled peers hold every slot).
 
@@ -30,10 +30,10 @@ import trio
 
 
 class HandshakeTurns:
-    """One handshake step at a time, oldest connection first."""
+    """`capacity` handshake steps at a time, oldest connections first."""
 
-    def __init__(self) -> None:
-        self._held = False
+    def __init__(self, capacity: int) -> None:
+        self._free = capacity
         self._heap: list[int] = []  # tickets waiting; some may have given up
         self._waiting: dict[int, trio.lowlevel.Task] = {}  # tickets still waiting
         self._tickets = itertools.count()
@@ -48,8 +48,8 @@ class HandshakeTurns:
         return len(self._waiting)
 
     async def take(self, ticket: int) -> None:
-        if not self._held:
-            self._held = True  # no checkpoint: a cancellation now would lose the turn
+        if self._free:  # then nobody waits: a turn is handed over when one does
+            self._free -= 1  # no checkpoint: a cancellation now would lose the turn
             return
         self._waiting[ticket] = trio.lowlevel.current_task()
         heapq.heappush(self._heap, ticket)
@@ -68,7 +68,7 @@ class HandshakeTurns:
             if task is not None:
                 trio.lowlevel.reschedule(task)  # handed over: the turn stays held
                 return
-        self._held = False
+        self._free += 1
 
 
 class TurnTakingStream(trio.abc.Stream):

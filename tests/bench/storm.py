@@ -14,8 +14,9 @@ handshake at once, as gcks did before its handshakes went oldest first.
 Real members are separate machines, each working on its own handshake at
 once; this load generator is one process. So that its own handshakes do not
 advance in lockstep either (which would time them all out whatever the
-server did), it orders them oldest first with the same `HandshakeTurns` the
-node uses: each behaves as an independent member would, on a shared CPU.
+server did), it orders them strictly oldest first (one turn) with the
+`HandshakeTurns` the node uses: each behaves as an independent member
+would, on a shared CPU.
 
 Reported per side: successes on the first attempt, the time from the storm's
 start until every member was through (null if not all were by the
@@ -149,14 +150,17 @@ async def bench(members: int, deadline_s: float, seed: int) -> dict[str, Any]:
             await cluster.wait_group(timeout_s=30)
             log(f"storm of {members} registrations at node n1 ...")
             ours = await storm(
-                registration(kit.ports["n1"]["member"], HandshakeTurns()),
+                registration(kit.ports["n1"]["member"], HandshakeTurns(1)),
                 contexts,
                 deadline_s,
                 seed,
             )
             log(f"storm of {members} bare handshakes at an anchor server ...")
             anchor = await storm(
-                bare_handshake(ports["n1"], HandshakeTurns()), contexts, deadline_s, seed
+                bare_handshake(ports["n1"], HandshakeTurns(1)),
+                contexts,
+                deadline_s,
+                seed,
             )
     ratio = None
     if anchor["first_attempt_ok"]:

@@ -26,7 +26,7 @@ async def _waiters(turns: HandshakeTurns, tickets: list[int], order: list[int]) 
 
 
 async def test_the_turn_goes_to_the_oldest_ticket_waiting_not_the_first_to_ask() -> None:
-    turns = HandshakeTurns()
+    turns = HandshakeTurns(capacity=1)
     await turns.take(100)
     order: list[int] = []
     await _waiters(turns, [7, 3, 9, 5], order)
@@ -38,7 +38,7 @@ async def test_the_turn_goes_to_the_oldest_ticket_waiting_not_the_first_to_ask()
 
 
 async def test_a_waiter_cancelled_before_its_turn_is_skipped() -> None:
-    turns = HandshakeTurns()
+    turns = HandshakeTurns(capacity=1)
     await turns.take(100)
     order: list[int] = []
     async with trio.open_nursery() as nursery:
@@ -56,7 +56,7 @@ async def test_a_waiter_cancelled_before_its_turn_is_skipped() -> None:
 
 
 async def test_a_waiter_cancelled_just_before_the_hand_over_does_not_get_the_turn() -> None:
-    turns = HandshakeTurns()
+    turns = HandshakeTurns(capacity=1)
     await turns.take(100)
     order: list[int] = []
     with trio.fail_after(5):  # a turn given to the cancelled waiter would hang ticket 2
@@ -81,8 +81,28 @@ async def _take_and_record(
         turns.give_back()
 
 
+async def test_up_to_capacity_steps_run_at_once_and_the_next_waits() -> None:
+    turns = HandshakeTurns(capacity=3)
+    for ticket in range(3):
+        with trio.fail_after(5):
+            await turns.take(ticket)
+    order: list[int] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_take_and_record, turns, 7, order, None)
+        await trio.testing.wait_all_tasks_blocked()
+        assert turns.waiting == 1
+        assert order == []
+        turns.give_back()
+    assert order == [7]
+    for _ in range(2):
+        turns.give_back()
+    with trio.fail_after(5):
+        for ticket in range(3):
+            await turns.take(ticket)  # all three free again
+
+
 async def test_a_handshake_waiting_for_its_peer_holds_no_turn() -> None:
-    turns = HandshakeTurns()
+    turns = HandshakeTurns(capacity=1)
     _peer, ours = trio.testing.memory_stream_pair()
     stream = TurnTakingStream(cast(trio.SocketStream, ours), turns)
     async with trio.open_nursery() as nursery:
@@ -95,7 +115,7 @@ async def test_a_handshake_waiting_for_its_peer_holds_no_turn() -> None:
 
 
 async def test_bytes_from_the_peer_are_worked_on_only_with_the_turn() -> None:
-    turns = HandshakeTurns()
+    turns = HandshakeTurns(capacity=1)
     peer, ours = trio.testing.memory_stream_pair()
     stream = TurnTakingStream(cast(trio.SocketStream, ours), turns)
     received: list[bytes] = []

@@ -19,7 +19,13 @@ import trio.testing
 
 from gcks.cluster import pki, tls
 from gcks.cluster.config import Address
-from gcks.cluster.registrar import Registrar, RegistrarSettings, _FrameWriter, _MemberLink
+from gcks.cluster.registrar import (
+    HANDSHAKE_TURNS,
+    Registrar,
+    RegistrarSettings,
+    _FrameWriter,
+    _MemberLink,
+)
 from gcks.cluster.state import ApplyResult
 from gcks.member.tls import member_client_context
 from gcks.proto.codec import encode_frame
@@ -198,7 +204,8 @@ async def test_member_handshakes_compute_only_with_their_turn(tmp_path: Path) ->
     with trio.fail_after(120):
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(registrar.serve, Address("127.0.0.1", 0))
-            await registrar._turns.take(-1)  # an older handshake is computing
+            for older in range(-HANDSHAKE_TURNS, 0):  # older handshakes are computing
+                await registrar._turns.take(older)
             nursery.start_soon(member, bound[0].port)
             await _until(lambda: registrar.handshakes_waiting == 1)  # its ClientHello came
             assert not done.is_set()
