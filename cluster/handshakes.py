@@ -74,6 +74,8 @@ class HandshakeTurns:
 class TurnTakingStream(trio.abc.Stream):
     """A TCP stream that holds `turns` for its TLS handshake's CPU steps."""
 
+    __slots__ = ("_holding", "_ticket", "_turns", "tcp")  # one per member connection
+
     def __init__(self, tcp: trio.SocketStream, turns: HandshakeTurns) -> None:
         self.tcp = tcp
         self._turns: HandshakeTurns | None = turns
@@ -94,7 +96,8 @@ class TurnTakingStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         self._leave()
         data = await self.tcp.receive_some(max_bytes)
-        await self._enter()
+        if data:  # nothing to compute on after the peer hung up
+            await self._enter()
         return data
 
     async def wait_send_all_might_not_block(self) -> None:

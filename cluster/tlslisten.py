@@ -8,7 +8,7 @@ and reported as `Refused` with a reason fit for a log line. (The peer
 transport has its own accept path: it also limits concurrent handshakes and
 replaces a peer's older connection.)
 
-May import trio and `gcks.cluster` (config, tls), `gcks.proto`.
+May import trio and `gcks.cluster` (config, tls, handshakes), `gcks.proto`.
 """
 
 from __future__ import annotations

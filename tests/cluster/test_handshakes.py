@@ -138,3 +138,44 @@ async def test_bytes_from_the_peer_are_worked_on_only_with_the_turn() -> None:
     turns.give_back()
     await peer.send_all(b"after")
     assert await stream.receive_some() == b"after", "after the handshake: passes through"
+
+
+async def test_a_turn_taken_for_the_peers_bytes_is_given_back_while_waiting_for_more() -> None:
+    turns = HandshakeTurns(capacity=1)
+    peer, ours = trio.testing.memory_stream_pair()
+    stream = TurnTakingStream(cast(trio.SocketStream, ours), turns)
+    await peer.send_all(b"ClientHello")
+    await stream.receive_some()  # computing on it: holds the turn
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(stream.receive_some)  # the next flight of the peer
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.fail_after(5):
+            await turns.take(0)  # free while it waits
+        turns.give_back()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_turn_handed_over_is_not_also_freed() -> None:
+    turns = HandshakeTurns(capacity=1)
+    await turns.take(0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(turns.take, 1)
+        await trio.testing.wait_all_tasks_blocked()
+        turns.give_back()  # to ticket 1, which keeps it
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(turns.take, 2)
+        await trio.testing.wait_all_tasks_blocked()
+        assert turns.waiting == 1, "a second holder got the one turn"
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_hung_up_does_not_queue_for_a_turn() -> None:
+    turns = HandshakeTurns(capacity=1)
+    peer, ours = trio.testing.memory_stream_pair()
+    stream = TurnTakingStream(cast(trio.SocketStream, ours), turns)
+    await turns.take(-1)
+    await peer.aclose()
+    with trio.fail_after(5):
+        assert await stream.receive_some() == b""
+    assert turns.waiting == 0
+    turns.give_back()

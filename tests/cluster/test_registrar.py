@@ -17,8 +17,9 @@ import pytest
 import trio
 import trio.testing
 
-from gcks.cluster import pki, tls
+from gcks.cluster import pki, tls, tlslisten
 from gcks.cluster.config import Address
+from gcks.cluster.handshakes import HandshakeTurns
 from gcks.cluster.registrar import (
     HANDSHAKE_TURNS,
     Registrar,
@@ -214,6 +215,63 @@ async def test_member_handshakes_compute_only_with_their_turn(tmp_path: Path) ->
             assert registrar.handshakes_waiting == 0
             assert registrar.stats.refused == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_every_turn_is_free_again_after_handshakes(tmp_path: Path) -> None:
+    # The server's last flight of a TLS 1.3 handshake goes out after it: only
+    # the end of the handshake gives that turn back.
+    registrar = _registrar(RegistrarSettings(handshake_timeout_s=60.0), tmp_path / "pki")
+    client_context = _member_context(tmp_path / "pki")
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(registrar.serve, Address("127.0.0.1", 0))
+            for _ in range(HANDSHAKE_TURNS + 2):
+                stream = trio.SSLStream(
+                    await trio.open_tcp_stream("127.0.0.1", bound[0].port),
+                    client_context,
+                    server_hostname=None,
+                )
+                await stream.do_handshake()
+                await stream.aclose()
+            await _until(lambda: registrar.stats.connections == HANDSHAKE_TURNS + 2)
+            await _until(lambda: registrar._open == 0)
+            for older in range(HANDSHAKE_TURNS):
+                await registrar._turns.take(older)  # every one free: taken at once
+            nursery.start_soon(registrar._turns.take, HANDSHAKE_TURNS)
+            await trio.testing.wait_all_tasks_blocked()
+            assert registrar._turns.waiting == 1, "no more turns than that"
+            nursery.cancel_scope.cancel()
+
+
+async def test_an_established_member_connection_takes_no_turn(tmp_path: Path) -> None:
+    _registrar(RegistrarSettings(), tmp_path / "pki")  # issues the certificates
+    root = tmp_path / "pki"
+    server_context = tls.member_server_context(
+        member_ca=root / "ca/member.crt", cert=root / "node/n1.crt", key=root / "node/n1.key"
+    )
+    turns = HandshakeTurns(2)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            client = trio.SSLStream(
+                await trio.open_tcp_stream("127.0.0.1", port),
+                _member_context(root),
+                server_hostname=None,
+            )
+            nursery.start_soon(client.do_handshake)
+            tcp = await listeners[0].accept()
+            server, _ = await tlslisten.accept(
+                tcp, server_context, CertRole.MEMBER, 30, turns=turns
+            )
+            for older in (-2, -1):  # handshakes of others hold every turn
+                await turns.take(older)
+            await client.send_all(b"a request")
+            with trio.fail_after(10):  # read without a turn
+                assert await server.receive_some() == b"a request"
+            await server.aclose()
+            await client.aclose()
+    await listeners[0].aclose()
 
 
 class _OversizedAnswers(Registrar):
