@@ -9,9 +9,10 @@ handshakes finish one after another at the rate the CPU allows, and the
 youngest are the ones that wait.
 
 So a handshake runs its CPU steps only with a turn (there are a few), and a
-turn given back goes to the oldest connection waiting for one. A handshake waiting for its peer's
-bytes holds no turn: a stalled or slow peer delays nobody (a cap on
-concurrent handshakes would let a few stalled peers hold every slot).
+turn given back goes to the oldest connection waiting for one. A handshake
+waiting for its peer's bytes holds no turn: a stalled or slow peer delays
+nobody (a cap on concurrent handshakes would let a few stalled peers hold
+every slot).
 
 `TurnTakingStream` is the transport an `SSLStream` handshakes over: it gives
 the turn back whenever the TLS layer goes to the network and takes it again

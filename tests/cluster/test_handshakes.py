@@ -10,26 +10,36 @@ import trio.testing
 from gcks.cluster.handshakes import HandshakeTurns, TurnTakingStream
 
 
-async def _waiters(turns: HandshakeTurns, tickets: list[int], order: list[int]) -> None:
-    """Start a task per ticket, in the order given, each waiting for the turn."""
-
-    async def wait(ticket: int) -> None:
+async def _take_and_record(
+    turns: HandshakeTurns, ticket: int, order: list[int], scope: trio.CancelScope | None
+) -> None:
+    with scope or trio.CancelScope():
         await turns.take(ticket)
         order.append(ticket)
         turns.give_back()
 
-    async with trio.open_nursery() as nursery:
-        for ticket in tickets:
-            nursery.start_soon(wait, ticket)
-            await trio.testing.wait_all_tasks_blocked()
-        turns.give_back()  # the test's own turn, taken before
+
+async def _queue(
+    nursery: trio.Nursery,
+    turns: HandshakeTurns,
+    tickets: list[int],
+    order: list[int],
+    scopes: dict[int, trio.CancelScope] | None = None,
+) -> None:
+    """Start a task per ticket, in the order given, each waiting in line for the turn."""
+    for ticket in tickets:
+        scope = (scopes or {}).get(ticket)
+        nursery.start_soon(_take_and_record, turns, ticket, order, scope)
+        await trio.testing.wait_all_tasks_blocked()
 
 
 async def test_the_turn_goes_to_the_oldest_ticket_waiting_not_the_first_to_ask() -> None:
     turns = HandshakeTurns(capacity=1)
     await turns.take(100)
     order: list[int] = []
-    await _waiters(turns, [7, 3, 9, 5], order)
+    async with trio.open_nursery() as nursery:
+        await _queue(nursery, turns, [7, 3, 9, 5], order)
+        turns.give_back()  # the test's own turn
     assert order == [3, 5, 7, 9]
     assert turns.waiting == 0
     with trio.fail_after(5):
@@ -41,12 +51,9 @@ async def test_a_waiter_cancelled_before_its_turn_is_skipped() -> None:
     turns = HandshakeTurns(capacity=1)
     await turns.take(100)
     order: list[int] = []
+    gave_up = trio.CancelScope()
     async with trio.open_nursery() as nursery:
-        gave_up = trio.CancelScope()
-        nursery.start_soon(_take_and_record, turns, 1, order, gave_up)
-        await trio.testing.wait_all_tasks_blocked()
-        nursery.start_soon(_take_and_record, turns, 2, order, None)
-        await trio.testing.wait_all_tasks_blocked()
+        await _queue(nursery, turns, [1, 2], order, {1: gave_up})
         assert turns.waiting == 2
         gave_up.cancel()
         await trio.testing.wait_all_tasks_blocked()
@@ -59,26 +66,14 @@ async def test_a_waiter_cancelled_just_before_the_hand_over_does_not_get_the_tur
     turns = HandshakeTurns(capacity=1)
     await turns.take(100)
     order: list[int] = []
+    first = trio.CancelScope()
     with trio.fail_after(5):  # a turn given to the cancelled waiter would hang ticket 2
         async with trio.open_nursery() as nursery:
-            first = trio.CancelScope()
-            nursery.start_soon(_take_and_record, turns, 1, order, first)
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(_take_and_record, turns, 2, order, None)
-            await trio.testing.wait_all_tasks_blocked()
+            await _queue(nursery, turns, [1, 2], order, {1: first})
             first.cancel()  # ticket 1 is cancelled, and before it runs again ...
             turns.give_back()  # ... the turn is given back: it must go to ticket 2
         await turns.take(0)  # nobody holds it now
     assert order == [2]
-
-
-async def _take_and_record(
-    turns: HandshakeTurns, ticket: int, order: list[int], scope: trio.CancelScope | None
-) -> None:
-    with scope or trio.CancelScope():
-        await turns.take(ticket)
-        order.append(ticket)
-        turns.give_back()
 
 
 async def test_up_to_capacity_steps_run_at_once_and_the_next_waits() -> None:
