@@ -14,7 +14,13 @@ Any change that an older node would decode differently, or apply differently,
 bumps `COMMAND_VERSION`: a node that meets a higher version raises
 `NewerCommand` and stops (see `GroupState.apply`) instead of skipping an entry
 that newer nodes apply. Every node of one version skips a malformed entry of
-its own version the same way, so that stays a plain `DecodeError`.
+its own version the same way, so that stays a plain `DecodeError`. Entries of
+every earlier version still decode, with their `version`, and apply exactly as
+they did when they were logged: nodes that restart replay them.
+
+Versions: 1, the first; 2, apply never lets a group's key times go back
+(`GroupState` clamps a command's time to the newest it applied to the group:
+a batch stamped before a leader change can commit after one stamped later).
 
 May import `gcks.proto`. Must never read a clock, draw randomness or do I/O.
 Key material is kept out of every repr.
@@ -40,7 +46,7 @@ from gcks.proto.schema import (
     read_str,
 )
 
-COMMAND_VERSION: Final = 1
+COMMAND_VERSION: Final = 2
 SEED_SIZE: Final = 32
 KEY_SIZE: Final = 32
 ED25519_KEY_SIZE: Final = 32
@@ -94,6 +100,7 @@ class CreateGroup:
     tree_seed: bytes = field(repr=False)  # seeds the empty LKH tree's root key
     tek_key: bytes = field(repr=False)  # seeds the first TEK (state binds it to the index)
     now_ms: int
+    version: int = field(default=COMMAND_VERSION, kw_only=True)  # how apply treats it
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +113,7 @@ class UpdatePolicy:
     now_ms: int
     tree_seed: bytes | None = field(default=None, repr=False)
     tek_key: bytes | None = field(default=None, repr=False)
+    version: int = field(default=COMMAND_VERSION, kw_only=True)  # how apply treats it
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +121,7 @@ class DeleteGroup:
     group: str
     now_ms: int
     reason: str = "group deleted"
+    version: int = field(default=COMMAND_VERSION, kw_only=True)  # how apply treats it
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +138,7 @@ class Rekey:
     refresh_kek: bool
     now_ms: int
     reason: str
+    version: int = field(default=COMMAND_VERSION, kw_only=True)  # how apply treats it
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +147,7 @@ class RestoreState:
 
     snapshot: bytes = field(repr=False)
     now_ms: int
+    version: int = field(default=COMMAND_VERSION, kw_only=True)  # how apply treats it
 
 
 Command = CreateGroup | UpdatePolicy | DeleteGroup | Rekey | RestoreState
@@ -180,7 +191,7 @@ def encode_command(command: Command) -> bytes:
                 command.now_ms,
                 command.reason,
             ]
-    data = packb([COMMAND_VERSION, *(int(f) if isinstance(f, CommandType) else f for f in fields)])
+    data = packb([command.version, *(int(f) if isinstance(f, CommandType) else f for f in fields)])
     decode_command(data)  # refuse to log what no node could apply
     return data
 
@@ -198,7 +209,7 @@ def decode_command(data: bytes) -> Command:
         raise NewerCommand(
             f"command version {version}; this node applies up to version {COMMAND_VERSION}"
         )
-    if version != COMMAND_VERSION:
+    if version < 1:
         raise DecodeError(f"command.version: {version} is not supported")
     kind = read_enum(obj[1], "command.type", CommandType)
     body = obj[2:]
@@ -210,6 +221,7 @@ def decode_command(data: bytes) -> Command:
             tree_seed=read_bytes(tree_seed, "CreateGroup.tree_seed", SEED_SIZE, SEED_SIZE),
             tek_key=read_bytes(tek_key, "CreateGroup.tek_key", KEY_SIZE, KEY_SIZE),
             now_ms=read_int(now_ms, "CreateGroup.now_ms", 0, MAX_TIME_MS),
+            version=version,
         )
     if kind is CommandType.UPDATE_POLICY:
         if len(body) == 2:
@@ -218,6 +230,7 @@ def decode_command(data: bytes) -> Command:
         return UpdatePolicy(
             policy=_read_policy(policy, "UpdatePolicy.policy"),
             now_ms=read_int(now_ms, "UpdatePolicy.now_ms", 0, MAX_TIME_MS),
+            version=version,
             tree_seed=read_optional(
                 tree_seed, "UpdatePolicy.tree_seed", read_bytes, SEED_SIZE, SEED_SIZE
             ),
@@ -228,6 +241,7 @@ def decode_command(data: bytes) -> Command:
         return DeleteGroup(
             group=read_str(group, "DeleteGroup.group", 64, GROUP_ID_PATTERN),
             now_ms=read_int(now_ms, "DeleteGroup.now_ms", 0, MAX_TIME_MS),
+            version=version,
             reason=read_str(reason, "DeleteGroup.reason", MAX_REASON),
         )
     if kind is CommandType.RESTORE:
@@ -235,6 +249,7 @@ def decode_command(data: bytes) -> Command:
         return RestoreState(
             snapshot=read_bytes(snapshot, "RestoreState.snapshot", MAX_SNAPSHOT),
             now_ms=read_int(now_ms, "RestoreState.now_ms", 0, MAX_TIME_MS),
+            version=version,
         )
     group, joins, leaves, tree_seed, tek_key, refresh_kek, now_ms, reason = read_record(
         body, "Rekey", 8
@@ -247,6 +262,7 @@ def decode_command(data: bytes) -> Command:
         tek_key=read_optional(tek_key, "Rekey.tek_key", read_bytes, KEY_SIZE, KEY_SIZE),
         refresh_kek=read_bool(refresh_kek, "Rekey.refresh_kek"),
         now_ms=read_int(now_ms, "Rekey.now_ms", 0, MAX_TIME_MS),
+        version=version,
         reason=read_str(reason, "Rekey.reason", MAX_REASON),
     )
 

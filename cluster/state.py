@@ -80,12 +80,19 @@ from gcks.proto.schema import (
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FORMAT: Final = 2  # 2 added the retired message ids; 1 still restores
+# 2 added the retired message ids, 3 the group clocks; every earlier format restores.
+SNAPSHOT_FORMAT: Final = 3
 AUDIT_LIMIT: Final = 10_000  # audit records kept in the replicated state (all are logged)
 # A proposal re-sent after a leader change may commit twice; the second copy is
 # recognised by its digest (every command carries fresh random seeds) and skipped.
 DEDUPE_LIMIT: Final = 16_384  # command digests and request tags remembered
 MAX_SENDER_ID: Final = 0xFFFF_FFFF
+# How far back of its group's clock a command may be stamped and still be moved
+# up to it (`_Group.at_time`): past a proposal's longest wait for its commit
+# (15 s, re-proposed on every leader change) with room for elections. Further
+# back means the clock came from a node whose own ran ahead; following that
+# would hold every key time at it.
+CLOCK_HOLD_MS: Final = 30_000
 
 
 _LEAVE_EVENT: Final = {
@@ -177,6 +184,7 @@ class _Group:
 
     __slots__ = (
         "banned",
+        "clock_ms",
         "kek",
         "members",
         "msg_id",
@@ -203,8 +211,12 @@ class _Group:
         next_sender_id: int,
         members: dict[str, MemberRecord],
         banned: set[str],
+        clock_ms: int,
     ) -> None:
         self.policy = policy
+        # The time the group's last command of version 2 or later applied at
+        # (0: none yet): see `at_time`.
+        self.clock_ms = clock_ms
         self.banned = banned  # evicted identities: refused until an admin re-admits them
         self.signing_seed = signing_seed
         self.signer = Ed25519PrivateKey.from_private_bytes(signing_seed)
@@ -216,6 +228,36 @@ class _Group:
         self.next_spi = next_spi
         self.next_sender_id = next_sender_id
         self.members = members
+
+    def at_time(self, command: Rekey) -> int:
+        """The time `command` applies at: its own stamp, but from command version
+        2 on always later than the group's previous command, unless stamped more
+        than `CLOCK_HOLD_MS` before it.
+
+        A batch stamped before a leader change can commit after one stamped
+        later. At its own time its TEK would activate before the key it
+        replaces, and its joins would date from before TEKs they must not
+        receive (`GroupState.gsa` keeps TEKs activated at or after a join);
+        hence strictly later, not merely as late.
+
+        Version 1 entries replay as they were logged and leave the clock alone,
+        so a node restored from a snapshot without clocks agrees with one that
+        applied them."""
+        if command.version < 2:
+            return command.now_ms
+        behind = self.clock_ms - command.now_ms
+        if 0 <= behind <= CLOCK_HOLD_MS:
+            self.clock_ms += 1
+        else:
+            if behind > 0:
+                log.warning(
+                    "group %s: a command stamped %.1f s before the group's previous one "
+                    "applies at its own time; a node's clock ran ahead (check NTP on every node)",
+                    self.policy.group_id,
+                    behind / 1000,
+                )
+            self.clock_ms = command.now_ms
+        return self.clock_ms
 
     def allocate_spi(self) -> int:
         spi = self.next_spi
@@ -249,7 +291,7 @@ class GroupState:
         # under a restored KEK, no AEAD nonce) is ever sealed twice.
         self._retired: dict[str, int] = {}
         self.applied_index = 0
-        # The newest command time applied (a lower bound after a snapshot
+        # The newest time a command applied at (a lower bound after a snapshot
         # restore): proposers never stamp a command earlier (`Rekeyer.now_ms`).
         # Read by proposers only; apply never depends on it.
         self.latest_ms = 0
@@ -395,6 +437,8 @@ class GroupState:
             # Message ids never go back: members drop ids <= the last they saw,
             # and the saved KEK sealed every id up to the group's last one.
             g.msg_id = max(g.msg_id, retired.pop(name, 0))
+            if (current := self._groups.get(name)) is not None:
+                g.clock_ms = max(g.clock_ms, current.clock_ms)  # nor do key times
         self._groups = saved._groups
         self._retired = retired
         self._record(index, cmd.now_ms, "*", "restore", None, f"{len(saved._groups)} groups")
@@ -426,6 +470,7 @@ class GroupState:
             next_sender_id=1,
             members={},
             banned=set(),
+            clock_ms=now if cmd.version >= 2 else 0,  # see `_Group.at_time`
         )
         self._groups[group] = g
         self._record(index, now, group, "create", None, f"kek {g.kek.fingerprint}")
@@ -472,6 +517,7 @@ class GroupState:
                 refresh_kek=False,
                 now_ms=cmd.now_ms,
                 reason="authorization revoked by a policy update",
+                version=cmd.version,
             ),
         )
         return ApplyResult(outbound=(*outbound, *revocation.outbound), left=revocation.left)
@@ -511,7 +557,8 @@ class GroupState:
             # Refused before any change: sealing might fail halfway, and an
             # exception here would stop every node at this index, at each restart.
             return ApplyResult(rejected=f"membership batch larger than {MAX_REKEY_BATCH}")
-        now, policy = cmd.now_ms, g.policy
+        now, policy = g.at_time(cmd), g.policy
+        self.latest_ms = max(self.latest_ms, now)
 
         # A request sent again to a new leader may commit twice: the second
         # copy changes nothing (a sender would otherwise get a new id after
@@ -758,6 +805,7 @@ class GroupState:
                         for m in sorted(g.members.values(), key=lambda m: m.member_id)
                     ],
                     sorted(g.banned),
+                    g.clock_ms,
                 ]
             )
         audit = [[a.index, a.time_ms, a.group, a.event, a.member, a.detail] for a in self._audit]
@@ -782,16 +830,17 @@ class GroupState:
             raise NewerSnapshot(
                 f"snapshot format {fmt}; this node reads up to format {SNAPSHOT_FORMAT}"
             )
-        if (fmt, len(fields)) not in ((1, 5), (SNAPSHOT_FORMAT, 6)):
+        if (fmt, len(fields)) not in ((1, 5), (2, 6), (3, 6)):
             raise StateError("unknown snapshot format")
         applied, groups, audit, seen = fields[1:5]
         state = cls()
         state.applied_index = read_int(applied, "snapshot.applied", 0, 2**63)
         for i, item in enumerate(read_list(groups, "snapshot.groups", 1 << 20)):
             name = f"snapshot.groups[{i}]"
-            (policy, seed, tree, kek, teks, msg_id, next_spi, next_sender, members, banned) = (
-                read_record(item, name, 10)
-            )
+            shape = read_record(item, name, 10 if fmt < 3 else 11)
+            # Formats before 3 hold no group clock: 0, see `_Group.at_time`.
+            *head, clock = shape if fmt >= 3 else (*shape, 0)
+            policy, seed, tree, kek, teks, msg_id, next_spi, next_sender, members, banned = head
             records: dict[str, MemberRecord] = {}
             for j, raw in enumerate(read_list(members, f"{name}.members", 1 << 24)):
                 mid, role, sender_id, sender_key, joined = read_record(raw, f"{name}.m[{j}]", 5)
@@ -817,6 +866,7 @@ class GroupState:
                     read_str(b, f"{name}.banned", 64)
                     for b in read_list(banned, f"{name}.banned", 1 << 24)
                 },
+                clock_ms=read_int(clock, f"{name}.clock_ms", 0, 2**63 - 1),
             )
             if set(records) != set(g.tree.members):
                 raise StateError(f"{name}: members and key tree disagree")
@@ -840,5 +890,7 @@ class GroupState:
                     read_str(detail, "audit.detail", 1024),
                 )
             )
-        state.latest_ms = max((g.kek.activation_ms for g in state._groups.values()), default=0)
+        state.latest_ms = max(
+            (max(g.kek.activation_ms, g.clock_ms) for g in state._groups.values()), default=0
+        )
         return state

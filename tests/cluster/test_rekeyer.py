@@ -479,15 +479,17 @@ async def test_a_node_whose_clock_lags_stamps_commands_no_earlier_than_the_newes
     # Leadership moves to a node whose clock is 3 s behind: key times must not
     # go back, and the operator is told once.
     driver = _driver()
-    driver.state.apply(2, encode_command(_join_command("m1")))  # stamped T0
+    # Stamped T0 like the group's creation, the join applies 1 ms after it.
+    driver.state.apply(2, encode_command(_join_command("m1")))
+    newest = T0 + 1
     lagging = Rekeyer(
         driver,  # type: ignore[arg-type]
         RekeyerSettings(check_interval_s=3600.0),
         clock_ms=lambda: T0 - 3_000,
     )
     with caplog.at_level(logging.WARNING, logger="gcks.cluster.rekeyer"):
-        assert lagging.now_ms() == T0
-        assert lagging.now_ms() == T0
+        assert lagging.now_ms() == newest
+        assert lagging.now_ms() == newest
     warnings = [r for r in caplog.records if "behind the newest committed command" in r.message]
     assert len(warnings) == 1
     assert "3.0 s" in warnings[0].getMessage()
@@ -496,7 +498,7 @@ async def test_a_node_whose_clock_lags_stamps_commands_no_earlier_than_the_newes
             await nursery.start(lagging.run)
             await lagging.join("demo", "m2", Role.RECEIVER, None)
             nursery.cancel_scope.cancel()
-    assert driver.proposed[-1].now_ms == T0
+    assert driver.proposed[-1].now_ms == newest
     ahead = Rekeyer(driver, RekeyerSettings(), clock_ms=lambda: T0 + 5)  # type: ignore[arg-type]
     assert ahead.now_ms() == T0 + 5
 
@@ -518,7 +520,8 @@ def test_the_newest_command_time_survives_a_snapshot_as_a_lower_bound() -> None:
     driver = _driver()
     driver.state.apply(2, encode_command(_join_command("m1")))
     restored = GroupState.restore(driver.state.snapshot())
-    assert 0 < restored.latest_ms <= driver.state.latest_ms == T0
+    # Stamped T0 like the group's creation, the join applied 1 ms after it.
+    assert 0 < restored.latest_ms <= driver.state.latest_ms == T0 + 1
 
 
 async def test_a_forwarded_request_lost_on_the_way_is_sent_again_to_the_same_leader(

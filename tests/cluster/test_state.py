@@ -104,7 +104,11 @@ class Cluster:
         *,
         tek: bool = True,
         refresh_kek: bool = False,
+        stamped: int | None = None,
+        version: int = COMMAND_VERSION,
     ) -> list[Outbound]:
+        """Commit a rekey a second later, or `stamped` at that time (as a batch
+        stamped earlier and committed now); members' clocks read `self.now`."""
         self.now += 1000
         return self.commit(
             Rekey(
@@ -114,8 +118,9 @@ class Cluster:
                 tree_seed=os.urandom(32),
                 tek_key=os.urandom(32) if tek else None,
                 refresh_kek=refresh_kek,
-                now_ms=self.now,
+                now_ms=self.now if stamped is None else stamped,
                 reason="test",
+                version=version,
             )
         )
 
@@ -229,6 +234,7 @@ def test_a_rekey_logged_before_request_tags_existed_still_decodes() -> None:
     )
     command = decode_command(old)
     assert isinstance(command, Rekey)
+    assert command.version == 1
     assert command.joins == (Join("m1", Role.RECEIVER),)
     assert command.leaves == (Leave("m2", LeaveReason.EVICT),)
 
@@ -655,7 +661,7 @@ def test_a_policy_update_logged_before_revocation_existed_revokes_nobody() -> No
     only_a = policy(authorize=(Authorization("a*", frozenset({Role.RECEIVER})),))
     old = msgpack.packb([1, 2, only_a.to_mapping(), cluster.now])
     command = decode_command(old)
-    assert command == UpdatePolicy(only_a, cluster.now)
+    assert command == UpdatePolicy(only_a, cluster.now, version=1)
     cluster.index += 1
     result = cluster.state.apply(cluster.index, old)
     assert result.rejected is None
@@ -769,3 +775,85 @@ def test_restoring_a_backup_from_a_newer_version_stops_the_node_there() -> None:
     assert state.applied_index == before
     with pytest.raises(state_module.NewerSnapshot):
         GroupState.restore(msgpack.packb(fields))
+
+
+# ------------------------------------------------------- key times never go back
+
+
+def _stamped_out_of_order(cluster: Cluster, *, version: int = COMMAND_VERSION) -> list[Outbound]:
+    """What a leader change can commit: m1 leaves in an entry stamped now, then
+    m3 joins in the entry after it, a batch stamped 2 s before that one."""
+    out = cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)])
+    del cluster.members["m1"]
+    cluster.deliver(out)
+    return cluster.rekey([Join("m3", Role.RECEIVER)], stamped=cluster.now - 2000, version=version)
+
+
+def test_a_batch_stamped_before_the_entry_ahead_of_it_still_moves_key_times_forward() -> None:
+    cluster = Cluster(nodes=2)
+    cluster.join("m1")
+    cluster.join("m2", Role.SENDER)
+    previous_tek = cluster.state.teks("demo")[-1]
+    out = _stamped_out_of_order(cluster)
+    cluster.deliver(out)
+    tek = cluster.state.teks("demo")[-1]
+    assert tek.activation_ms > previous_tek.activation_ms
+    assert cluster.state.kek("demo").activation_ms == tek.activation_ms
+    # The TEK it replaced is retired, so members that followed the rekeys
+    # hold the nodes' newest key and send with it.
+    sender = cluster.members["m2"]
+    assert sender.teks[-1] == tek
+    assert sender.sending_tek(cluster.now) == tek
+    # m3 joined after `previous_tek` protected traffic: it must not get it.
+    joined = next(m for m in cluster.state.members("demo") if m.member_id == "m3")
+    assert joined.joined_ms > previous_tek.activation_ms
+    gsa = cluster.state.gsa("demo", "m3", request_id=1, nodes=())
+    assert [t.spi for t in gsa.teks] == [tek.spi]
+
+
+def test_entries_of_version_1_replay_at_their_own_times() -> None:
+    # Older nodes applied them so; a node replaying its log must agree.
+    cluster = Cluster(nodes=1)
+    cluster.join("m1")
+    cluster.join("m2")
+    previous_tek = cluster.state.teks("demo")[-1]
+    _stamped_out_of_order(cluster, version=1)
+    assert cluster.state.teks("demo")[-1].activation_ms == previous_tek.activation_ms - 1000
+
+
+def test_a_command_stamped_far_behind_the_group_clock_applies_at_its_own_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The group's clock came from a node whose own ran ahead: holding key times
+    # there would leave every new TEK inactive until real time catches up.
+    cluster = Cluster(nodes=1)
+    ahead = cluster.now + 3_600_000
+    cluster.rekey(stamped=ahead)  # by a leader whose clock is an hour ahead
+    cluster.rekey(stamped=ahead - state_module.CLOCK_HOLD_MS)  # within the hold: moved up
+    assert cluster.state.teks("demo")[-1].activation_ms == ahead + 1
+    assert not caplog.records
+    with caplog.at_level("WARNING", logger="gcks.cluster.state"):
+        cluster.rekey()  # by a leader whose clock is right
+    assert cluster.state.teks("demo")[-1].activation_ms == cluster.now
+    assert "clock ran ahead" in caplog.text
+
+
+def test_group_clocks_survive_a_snapshot_and_older_formats_restore_without_them() -> None:
+    cluster = Cluster(nodes=1)
+    cluster.join("m1")
+    cluster.join("m2")
+    snapshot = cluster.state.snapshot()
+    restored = GroupState.restore(snapshot)
+    assert restored.snapshot() == snapshot
+    cluster.nodes.append(restored)
+    _stamped_out_of_order(cluster)  # commit() asserts both nodes agree
+    # Format 2 held no clock: a group restored from one has none until a
+    # command of version 2 applies, exactly like a node that applied the
+    # version-1 entries the snapshot came from.
+    fields = msgpack.unpackb(snapshot)
+    fields[0] = 2
+    for group in fields[2]:
+        del group[10]
+    old = GroupState.restore(msgpack.packb(fields))
+    assert old._groups["demo"].clock_ms == 0
+    assert GroupState.restore(old.snapshot()).snapshot() == old.snapshot()
