@@ -18,9 +18,10 @@ its own version the same way, so that stays a plain `DecodeError`. Entries of
 every earlier version still decode, with their `version`, and apply exactly as
 they did when they were logged: nodes that restart replay them.
 
-Versions: 1, the first; 2, apply never lets a group's key times go back
-(`GroupState` clamps a command's time to the newest it applied to the group:
-a batch stamped before a leader change can commit after one stamped later).
+Versions: 1, the first; 2, apply never lets a group's key times go back (a
+batch stamped before a leader change can commit after one stamped later), and
+a join carries the time its request arrived, so apply can tell a copy that
+arrives after a later leave of the member (`GroupState`, `_Group.at_time`).
 
 May import `gcks.proto`. Must never read a clock, draw randomness or do I/O.
 Key material is kept out of every repr.
@@ -84,6 +85,11 @@ class Join:
     # Apply skips a tag it has applied before: a request sent again to a new
     # leader may commit twice, and a second join would move a sender's id.
     tag: int = 0
+    # When the node serving the member got the request (0: logged before
+    # command version 2). A forwarded copy can still be re-sent, and commit,
+    # after the member gave up, registered elsewhere and left: apply skips a
+    # join requested before the member's latest leave applied.
+    requested_ms: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -275,7 +281,7 @@ def _read_policy(value: object, name: str) -> GroupPolicy:
 
 
 def join_fields(join: Join) -> list[object]:
-    return [join.member_id, join.role.value, join.sender_key, join.tag]
+    return [join.member_id, join.role.value, join.sender_key, join.tag, join.requested_ms]
 
 
 def leave_fields(leave: Leave) -> list[object]:
@@ -283,8 +289,9 @@ def leave_fields(leave: Leave) -> list[object]:
 
 
 def _read_join(value: object, name: str) -> Join:
-    fields = read_list(value, name, 4, min_items=3)  # 3: logged before request tags
-    member_id, role, sender_key, tag = (*fields, 0) if len(fields) == 3 else fields
+    # 3 fields: logged before request tags; 4: before command version 2.
+    fields = read_list(value, name, 5, min_items=3)
+    member_id, role, sender_key, tag, requested_ms = (*fields, 0, 0)[:5]
     return Join(
         member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),
         role=read_enum(role, f"{name}.role", Role),
@@ -292,6 +299,7 @@ def _read_join(value: object, name: str) -> Join:
             sender_key, f"{name}.sender_key", read_bytes, ED25519_KEY_SIZE, ED25519_KEY_SIZE
         ),
         tag=read_int(tag, f"{name}.tag", 0, MAX_REQUEST_TAG),
+        requested_ms=read_int(requested_ms, f"{name}.requested_ms", 0, MAX_TIME_MS),
     )
 
 

@@ -145,7 +145,7 @@ class Rekeyer:
         """Add `member_id` to the group's next batch and wait until the entry
         that carries it is applied here; that entry's result."""
         tag = _new_tag()
-        join = Join(member_id, role, sender_key, tag=tag)
+        join = Join(member_id, role, sender_key, tag=tag, requested_ms=self.now_ms())
         return await self._request(MembershipRequest(tag, group, joins=(join,)))
 
     async def leave(self, group: str, member_id: str, reason: LeaveReason) -> ApplyResult:

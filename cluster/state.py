@@ -43,6 +43,7 @@ from gcks.cluster.commands import (
     Command,
     CreateGroup,
     DeleteGroup,
+    Join,
     Leave,
     LeaveReason,
     NewerCommand,
@@ -80,7 +81,8 @@ from gcks.proto.schema import (
 
 log = logging.getLogger(__name__)
 
-# 2 added the retired message ids, 3 the group clocks; every earlier format restores.
+# 2 added the retired message ids, 3 the group clocks and recent departures;
+# every earlier format restores.
 SNAPSHOT_FORMAT: Final = 3
 AUDIT_LIMIT: Final = 10_000  # audit records kept in the replicated state (all are logged)
 # A proposal re-sent after a leader change may commit twice; the second copy is
@@ -93,6 +95,11 @@ MAX_SENDER_ID: Final = 0xFFFF_FFFF
 # back means the clock came from a node whose own ran ahead; following that
 # would hold every key time at it.
 CLOCK_HOLD_MS: Final = 30_000
+# A join requested this long before its member's latest leave applied is a
+# stale copy (`Join.requested_ms`); the slack absorbs the clock skew between
+# the node that took the request and the leader that stamped the leave. A
+# stale copy trails the leave by at least a member's registration deadline.
+REQUEST_SKEW_MS: Final = 2_000
 
 
 _LEAVE_EVENT: Final = {
@@ -177,6 +184,9 @@ class ApplyResult:
     # (group, member id) of sender joins refused for want of a sender id or of
     # room for one more sender key in a GSA: answered GROUP_FULL.
     full: tuple[tuple[str, str], ...] = ()
+    # (group, member id) of joins requested before the member's latest leave
+    # applied (`_Group.stale`), skipped: answered BUSY, should anyone still wait.
+    stale: tuple[tuple[str, str], ...] = ()
 
 
 class _Group:
@@ -185,6 +195,7 @@ class _Group:
     __slots__ = (
         "banned",
         "clock_ms",
+        "departed",
         "kek",
         "members",
         "msg_id",
@@ -212,11 +223,15 @@ class _Group:
         members: dict[str, MemberRecord],
         banned: set[str],
         clock_ms: int,
+        departed: dict[str, int],
     ) -> None:
         self.policy = policy
         # The time the group's last command of version 2 or later applied at
         # (0: none yet): see `at_time`.
         self.clock_ms = clock_ms
+        # Members that left in the last `CLOCK_HOLD_MS` by the clock: the time
+        # each left at, oldest first (commands of version 2 or later only).
+        self.departed = departed
         self.banned = banned  # evicted identities: refused until an admin re-admits them
         self.signing_seed = signing_seed
         self.signer = Ed25519PrivateKey.from_private_bytes(signing_seed)
@@ -256,8 +271,19 @@ class _Group:
                     self.policy.group_id,
                     behind / 1000,
                 )
+                # Departure times from the fast clock would refuse joins for as
+                # long as it ran ahead: forget them.
+                self.departed.clear()
             self.clock_ms = command.now_ms
+        horizon = self.clock_ms - CLOCK_HOLD_MS
+        while self.departed and next(iter(self.departed.values())) < horizon:
+            del self.departed[next(iter(self.departed))]
         return self.clock_ms
+
+    def stale(self, join: Join) -> bool:
+        """Whether `join` was requested before its member's latest leave applied."""
+        left = self.departed.get(join.member_id)
+        return left is not None and 0 < join.requested_ms < left - REQUEST_SKEW_MS
 
     def allocate_spi(self) -> int:
         spi = self.next_spi
@@ -471,6 +497,7 @@ class GroupState:
             members={},
             banned=set(),
             clock_ms=now if cmd.version >= 2 else 0,  # see `_Group.at_time`
+            departed={},
         )
         self._groups[group] = g
         self._record(index, now, group, "create", None, f"kek {g.kek.fingerprint}")
@@ -581,6 +608,7 @@ class GroupState:
         rejoined: list[str] = []
         seen: set[str] = set()
         full: list[str] = []
+        stale: list[str] = []
         # Sender keys a GSA can still carry (source authentication): every
         # member's GSA lists them all, and one answer holds MAX_SENDERS.
         key_slots = MAX_SENDERS
@@ -593,6 +621,9 @@ class GroupState:
                 continue
             if join.role not in policy.roles_for(join.member_id):
                 continue  # authorized by a node's older copy of the policy, revoked since
+            if g.stale(join):
+                stale.append(join.member_id)
+                continue
             old = g.members.get(join.member_id)
             if join.role is Role.SENDER:
                 # A re-registering sender gives its old key's slot back.
@@ -631,6 +662,9 @@ class GroupState:
             del g.members[mid]
             if why is LeaveReason.EVICT:
                 g.banned.add(mid)
+            if cmd.version >= 2:  # see `_Group.at_time`
+                g.departed.pop(mid, None)  # re-inserted last: oldest first
+                g.departed[mid] = now
         for record in joined:
             g.members[record.member_id] = record
         senders_added = tuple(
@@ -744,6 +778,7 @@ class GroupState:
             ),
             left=tuple((cmd.group, mid, why) for mid, why in leaving.items()),
             full=tuple((cmd.group, mid) for mid in full),
+            stale=tuple((cmd.group, mid) for mid in stale),
         )
 
     def _seal(self, g: _Group, body: RekeyBody, *, kek: KeySA | None = None) -> Outbound:
@@ -806,6 +841,7 @@ class GroupState:
                     ],
                     sorted(g.banned),
                     g.clock_ms,
+                    [[mid, at] for mid, at in g.departed.items()],
                 ]
             )
         audit = [[a.index, a.time_ms, a.group, a.event, a.member, a.detail] for a in self._audit]
@@ -837,9 +873,9 @@ class GroupState:
         state.applied_index = read_int(applied, "snapshot.applied", 0, 2**63)
         for i, item in enumerate(read_list(groups, "snapshot.groups", 1 << 20)):
             name = f"snapshot.groups[{i}]"
-            shape = read_record(item, name, 10 if fmt < 3 else 11)
-            # Formats before 3 hold no group clock: 0, see `_Group.at_time`.
-            *head, clock = shape if fmt >= 3 else (*shape, 0)
+            shape = read_record(item, name, 10 if fmt < 3 else 12)
+            # Formats before 3 hold no clock nor departures: see `_Group.at_time`.
+            *head, clock, departed = shape if fmt >= 3 else (*shape, 0, [])
             policy, seed, tree, kek, teks, msg_id, next_spi, next_sender, members, banned = head
             records: dict[str, MemberRecord] = {}
             for j, raw in enumerate(read_list(members, f"{name}.members", 1 << 24)):
@@ -867,6 +903,7 @@ class GroupState:
                     for b in read_list(banned, f"{name}.banned", 1 << 24)
                 },
                 clock_ms=read_int(clock, f"{name}.clock_ms", 0, 2**63 - 1),
+                departed=_read_departed(departed, f"{name}.departed"),
             )
             if set(records) != set(g.tree.members):
                 raise StateError(f"{name}: members and key tree disagree")
@@ -894,3 +931,11 @@ class GroupState:
             (max(g.kek.activation_ms, g.clock_ms) for g in state._groups.values()), default=0
         )
         return state
+
+
+def _read_departed(value: object, name: str) -> dict[str, int]:
+    departed: dict[str, int] = {}
+    for item in read_list(value, name, 1 << 24):
+        member_id, at = read_record(item, name, 2)
+        departed[read_str(member_id, name, 64)] = read_int(at, name, 0, 2**63 - 1)
+    return departed

@@ -308,21 +308,28 @@ async def test_an_answer_past_a_wire_limit_is_a_typed_error_not_a_crash() -> Non
     assert (answer.request_id, answer.code) == (7, ErrorCode.INTERNAL)
 
 
-async def test_a_sender_join_refused_for_room_is_answered_group_full() -> None:
+@pytest.mark.parametrize(
+    ("skipped", "code"),
+    [
+        ("full", ErrorCode.GROUP_FULL),  # no room for one more sender
+        ("stale", ErrorCode.BUSY),  # older than the member's last leave: retry
+    ],
+)
+async def test_a_join_skipped_at_apply_is_answered_with_why(skipped: str, code: ErrorCode) -> None:
     cluster = Cluster()
 
     class _Driver:
         state = cluster.state
 
-    class _FullRekeyer:
+    class _SkippingRekeyer:
         async def join(self, group: str, member_id: str, *_: object) -> ApplyResult:
             await trio.lowlevel.checkpoint()
-            return ApplyResult(full=((group, member_id),))
+            return ApplyResult(**{skipped: ((group, member_id),)})  # type: ignore[arg-type]
 
-    registrar = Registrar(_Driver(), _FullRekeyer(), (), None, RegistrarSettings())  # type: ignore[arg-type]
+    registrar = Registrar(_Driver(), _SkippingRekeyer(), (), None, RegistrarSettings())  # type: ignore[arg-type]
     link = _MemberLink("s9", cast(Any, None))  # never written to: the answer is returned
     request = RegisterRequest("demo", Role.SENDER, last_msg_id=0, request_id=3)
     answer = await registrar._register(link, request)
     assert isinstance(answer, ErrorAnswer)
-    assert (answer.request_id, answer.code) == (3, ErrorCode.GROUP_FULL)
+    assert (answer.request_id, answer.code) == (3, code)
     assert registrar.stats.registration_errors == 1

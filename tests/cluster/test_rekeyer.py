@@ -348,6 +348,8 @@ async def test_a_forwarded_join_goes_to_each_new_leader_until_its_entry_applies(
     assert ("demo", "m1") in outcome[0].joined
     assert sent == ["n1", "n3"]
     assert [c.joins[0].member_id for c in cluster.proposed] == ["m1"]
+    # Stamped by the node the member asked, whose clock reads T0 + 1000.
+    assert cluster.proposed[0].joins[0].requested_ms == T0 + 1000
 
 
 async def test_two_registrations_of_one_member_through_two_nodes_are_both_answered_at_once(

@@ -145,7 +145,10 @@ class Cluster:
 def test_command_encoding_round_trips() -> None:
     command = Rekey(
         group="demo",
-        joins=(Join("m1", Role.SENDER, b"k" * 32, tag=5), Join("m2", Role.RECEIVER)),
+        joins=(
+            Join("m1", Role.SENDER, b"k" * 32, tag=5, requested_ms=T0 - 5),
+            Join("m2", Role.RECEIVER),
+        ),
         leaves=(Leave("m3", LeaveReason.EVICT, tag=2**63 - 1),),
         tree_seed=b"S" * 32,
         tek_key=b"T" * 32,
@@ -847,13 +850,71 @@ def test_group_clocks_survive_a_snapshot_and_older_formats_restore_without_them(
     assert restored.snapshot() == snapshot
     cluster.nodes.append(restored)
     _stamped_out_of_order(cluster)  # commit() asserts both nodes agree
-    # Format 2 held no clock: a group restored from one has none until a
-    # command of version 2 applies, exactly like a node that applied the
-    # version-1 entries the snapshot came from.
+    # Format 2 held no clock nor departures: a group restored from one has
+    # none until a command of version 2 applies, exactly like a node that
+    # applied the version-1 entries the snapshot came from.
     fields = msgpack.unpackb(snapshot)
     fields[0] = 2
     for group in fields[2]:
-        del group[10]
+        del group[10:]
     old = GroupState.restore(msgpack.packb(fields))
     assert old._groups["demo"].clock_ms == 0
+    assert old._groups["demo"].departed == {}
     assert GroupState.restore(old.snapshot()).snapshot() == old.snapshot()
+
+
+# ------------------------------------------- joins older than the member's leave
+
+
+def _join_requested(cluster: Cluster, member_id: str, requested_ms: int) -> ApplyResult:
+    cluster.now += 1000
+    join = Join(member_id, Role.RECEIVER, requested_ms=requested_ms)
+    return _apply_everywhere(
+        cluster, Rekey("demo", (join,), (), os.urandom(32), None, False, cluster.now, "t")
+    )
+
+
+def test_a_join_requested_before_its_members_latest_leave_is_skipped() -> None:
+    # The member gave up on one node, registered at another and left there; the
+    # first node's copy of its join, sent again meanwhile, commits last.
+    cluster = Cluster(nodes=2)
+    cluster.join("m1")
+    asked = cluster.now - 5000
+    cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)])
+    left = cluster.now
+    cluster.nodes.append(GroupState.restore(cluster.state.snapshot()))  # it remembers too
+    msg_id = cluster.state.msg_id("demo")
+    result = _join_requested(cluster, "m1", asked)
+    assert result.stale == (("demo", "m1"),)
+    assert result.joined == ()
+    assert not cluster.state.is_member("demo", "m1")
+    assert cluster.state.msg_id("demo") == msg_id, "nothing changed: no rekey"
+    # Requested after the leave, up to the clock skew allowed between nodes: a join.
+    result = _join_requested(cluster, "m1", left - state_module.REQUEST_SKEW_MS)
+    assert result.joined == (("demo", "m1"),)
+    assert result.stale == ()
+
+
+def test_departures_are_forgotten_after_the_hold() -> None:
+    cluster = Cluster(nodes=1)
+    cluster.join("m1")
+    cluster.join("m2")
+    cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)])
+    cluster.rekey(leaves=[Leave("m2", LeaveReason.DEREGISTER)])
+    departed = cluster.state._groups["demo"].departed
+    assert list(departed) == ["m1", "m2"]
+    cluster.now += state_module.CLOCK_HOLD_MS - 1000  # m1 left just past the hold
+    cluster.rekey()
+    assert list(departed) == ["m2"]
+    # A join without a request time (logged by version 1) is never stale.
+    assert _join_requested(cluster, "m2", 0).joined == (("demo", "m2"),)
+
+
+def test_a_clock_that_ran_ahead_leaves_no_departures_behind() -> None:
+    # Departure times from a fast clock would refuse joins until real time
+    # caught up with it.
+    cluster = Cluster(nodes=1)
+    cluster.join("m1")
+    cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)], stamped=cluster.now + 3_600_000)
+    cluster.rekey()  # by a leader whose clock is right
+    assert _join_requested(cluster, "m1", cluster.now).joined == (("demo", "m1"),)
