@@ -37,6 +37,7 @@ from gcks.cluster.commands import LeaveReason
 from gcks.cluster.config import Address
 from gcks.cluster.driver import NoQuorum, RaftDriver
 from gcks.cluster.handshakes import HandshakeTurns
+from gcks.cluster.logthrottle import LogThrottle
 from gcks.cluster.raft.errors import NotLeader, RaftError
 from gcks.cluster.rekeyer import Rekeyer
 from gcks.cluster.state import ApplyResult, Outbound
@@ -71,6 +72,7 @@ MAX_REQUEST_FRAME = 64 * 1024  # members send small requests; answers can be lar
 # CPU per registration at 200 in flight, within the noise of the
 # registration ratio.
 HANDSHAKE_TURNS = 4
+REFUSAL_WARNING_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,6 +217,10 @@ class Registrar:
         self._pending: dict[tuple[str, str], set[_MemberLink]] = defaultdict(set)
         self._open = 0
         self._turns = HandshakeTurns(HANDSHAKE_TURNS)  # oldest first: gcks.cluster.handshakes
+        # Refusals come in storms: a reconnect storm makes one per handshake
+        # that times out. Each is counted; a warning goes out once a while.
+        self._refusal_warnings = LogThrottle(REFUSAL_WARNING_INTERVAL_S)
+        self._refusals_unlogged = 0
         self.stats = RegistrarStats()
 
     # ------------------------------------------------------------ apply hook
@@ -275,10 +281,7 @@ class Registrar:
         if self._open >= self._settings.max_connections:
             # Refused before the handshake: each connection holds a task, TLS
             # state and a push queue, so their number is what bounds memory.
-            self.stats.refused += 1
-            log.warning(
-                "member connection from %s refused: %d open", tlslisten.remote(tcp), self._open
-            )
+            self._refused(tlslisten.remote(tcp), f"{self._open} open")
             await trio.aclose_forcefully(tcp)
             return
         self._open += 1
@@ -299,8 +302,7 @@ class Registrar:
                 turns=self._turns,
             )
         except tlslisten.Refused as exc:
-            self.stats.refused += 1
-            log.warning("member connection from %s refused: %s", remote, exc)
+            self._refused(remote, str(exc))
             return
         log.debug("member %s connected from %s", identity.id, remote)
         try:
@@ -323,6 +325,20 @@ class Registrar:
         finally:
             await trio.aclose_forcefully(stream)
             log.debug("member %s disconnected", identity.id)
+
+    def _refused(self, remote: str, why: str) -> None:
+        self.stats.refused += 1
+        if not self._refusal_warnings.ready():
+            self._refusals_unlogged += 1
+            log.debug("member connection from %s refused: %s", remote, why)
+            return
+        unlogged, self._refusals_unlogged = self._refusals_unlogged, 0
+        log.warning(
+            "member connection from %s refused: %s%s",
+            remote,
+            why,
+            f" ({unlogged} more since the last such warning)" if unlogged else "",
+        )
 
     def _forget(self, link: _MemberLink) -> None:
         """A closed connection gets no more pushes, even from a join still to apply."""

@@ -8,6 +8,7 @@ its limit and cuts off a member whose pushes cannot be written in time.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +21,7 @@ import trio.testing
 from gcks.cluster import pki, tls, tlslisten
 from gcks.cluster.config import Address
 from gcks.cluster.handshakes import HandshakeTurns
+from gcks.cluster.logthrottle import LogThrottle
 from gcks.cluster.registrar import (
     HANDSHAKE_TURNS,
     Registrar,
@@ -176,6 +178,36 @@ async def test_member_connections_beyond_the_limit_are_refused_before_the_handsh
             assert registrar.stats.refused == 1
             await second.aclose()
             await first.aclose()
+            nursery.cancel_scope.cancel()
+
+
+async def test_each_refused_connection_is_counted_and_warned_about_once_a_while(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A reconnect storm refuses thousands: a warning line each would flood the log.
+    registrar = _registrar(RegistrarSettings(max_connections=0))
+
+    async def refused(port: int) -> None:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        assert await stream.receive_some(1) == b""
+        await stream.aclose()
+
+    def warnings() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+
+    with trio.fail_after(60), caplog.at_level(logging.DEBUG, logger="gcks.cluster.registrar"):
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(registrar.serve, Address("127.0.0.1", 0))
+            for _ in range(5):
+                await refused(bound[0].port)
+            assert registrar.stats.refused == 5
+            assert len(warnings()) == 1
+            assert "refused: 0 open" in warnings()[0]
+            registrar._refusal_warnings = LogThrottle(0.0)  # as if the interval had passed
+            await refused(bound[0].port)
+            assert registrar.stats.refused == 6
+            assert len(warnings()) == 2
+            assert "(4 more since the last such warning)" in warnings()[1]
             nursery.cancel_scope.cancel()
 
 
