@@ -306,7 +306,11 @@ class AdminServer:
     async def _group_delete(self, args: dict[str, object]) -> object:
         await self._linearizable()  # a lagging node must not refuse by stale state
         group = self._group_arg(args)
-        return await self._propose(encode_command(DeleteGroup(group, self._rekeyer.now_ms())))
+        return await self._propose(
+            encode_command(
+                DeleteGroup(group, self._rekeyer.now_ms(), version=self._rekeyer.command_version())
+            )
+        )
 
     async def _propose(self, data: bytes) -> object:
         result = await self._driver.propose(data, self._timeout_s)
@@ -387,7 +391,13 @@ class AdminServer:
         snapshot = args.get("snapshot")
         if not isinstance(snapshot, bytes):
             raise AdminError("bad_request", "snapshot: expected bytes")
-        return await self._propose(encode_command(RestoreState(snapshot, self._rekeyer.now_ms())))
+        return await self._propose(
+            encode_command(
+                RestoreState(
+                    snapshot, self._rekeyer.now_ms(), version=self._rekeyer.command_version()
+                )
+            )
+        )
 
 
 class AdminClient:

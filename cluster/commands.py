@@ -189,7 +189,7 @@ def encode_command(command: Command) -> bytes:
             fields = [
                 CommandType.REKEY,
                 command.group,
-                [join_fields(join) for join in command.joins],
+                [join_fields(join, command.version) for join in command.joins],
                 [leave_fields(leave) for leave in command.leaves],
                 command.tree_seed,
                 command.tek_key,
@@ -280,8 +280,10 @@ def _read_policy(value: object, name: str) -> GroupPolicy:
         raise DecodeError(f"{name}: {exc}") from None
 
 
-def join_fields(join: Join) -> list[object]:
-    return [join.member_id, join.role.value, join.sender_key, join.tag, join.requested_ms]
+def join_fields(join: Join, version: int) -> list[object]:
+    """A join as a command of `version` carries it: version 1 nodes read 4 fields."""
+    fields: list[object] = [join.member_id, join.role.value, join.sender_key, join.tag]
+    return fields if version < 2 else [*fields, join.requested_ms]
 
 
 def leave_fields(leave: Leave) -> list[object]:

@@ -13,9 +13,10 @@ not the answer. Apply skips a tag it has already applied, so the follower
 may send a request again (a new leader, a lost copy) without a second join.
 
 Wire format: a msgpack array `[VERSION, tag, group, joins, leaves]`, joins and
-leaves shaped as in `Rekey`. Peers are authenticated nodes, but a newer or
-buggy one may still send what this one cannot read: decoding validates every
-field and raises `DecodeError`.
+leaves shaped as in a `Rekey` of the command version the cluster applies
+(`gcks.cluster.versions`), so that a leader of an older version reads them.
+Peers are authenticated nodes, but a newer or buggy one may still send what
+this one cannot read: decoding validates every field and raises `DecodeError`.
 
 May import `gcks.proto` and `gcks.cluster.commands`. No I/O.
 """
@@ -54,13 +55,13 @@ class MembershipRequest:
     leaves: tuple[Leave, ...] = ()
 
 
-def encode_request(request: MembershipRequest) -> bytes:
+def encode_request(request: MembershipRequest, command_version: int) -> bytes:
     return packb(
         [
             VERSION,
             request.tag,
             request.group,
-            [join_fields(join) for join in request.joins],
+            [join_fields(join, command_version) for join in request.joins],
             [leave_fields(leave) for leave in request.leaves],
         ]
     )

@@ -37,13 +37,22 @@ from gcks.cluster.raft.types import Role as RaftRole
 from gcks.cluster.registrar import Registrar, RegistrarSettings
 from gcks.cluster.rekeyer import Rekeyer, RekeyerSettings
 from gcks.cluster.state import ApplyResult, GroupState
+from gcks.cluster.versions import (
+    ADVERTISE_INTERVAL_S,
+    UNANNOUNCED_VERSION,
+    PeerVersions,
+    decode_advert,
+    encode_advert,
+)
+from gcks.proto.errors import DecodeError
 from gcks.proto.messages import NodeEndpoint
 
 log = logging.getLogger(__name__)
 
-# The first byte of every peer payload names its consumer: Raft, or the
-# membership requests followers forward to the leader's batch.
-_RAFT, _MEMBERSHIP = b"\x00", b"\x01"
+# The first byte of every peer payload names its consumer: Raft, the
+# membership requests followers forward to the leader's batch, or the command
+# version a node applies (`gcks.cluster.versions`).
+_RAFT, _MEMBERSHIP, _VERSIONS = b"\x00", b"\x01", b"\x02"
 
 
 class _PeerChannel:
@@ -78,6 +87,7 @@ class Node:
         self.tls: tlsreload.NodeTls | None = None
         self.stopping = False
         self.probe = ProbeResponder(config.node_id)
+        self.versions = PeerVersions(config.node_id)
 
     def nodes(self) -> tuple[NodeEndpoint, ...]:
         """The cluster's member-facing endpoints, for GSAs (failover list)."""
@@ -170,6 +180,7 @@ class Node:
             RekeyerSettings(),
             bootstrap_groups=cfg.groups,
             forward=_PeerChannel(transport, _MEMBERSHIP).send,
+            command_version=self.command_version,
         )
         self.rekeyer = rekeyer
         self.sender = RekeySender(cfg.multicast.interface, cfg.multicast.ttl)
@@ -188,6 +199,7 @@ class Node:
             await nursery.start(driver.run)
             peer_bound = await nursery.start(transport.run)
             nursery.start_soon(self._pump, transport, driver, rekeyer)
+            nursery.start_soon(self._advertise, _PeerChannel(transport, _VERSIONS))
             member_bound = await nursery.start(self.registrar.serve, cfg.member_listen)
             await nursery.start(rekeyer.run)
             await nursery.start(self.probe.serve, cfg.probe_listen.host, cfg.probe_listen.port)
@@ -206,8 +218,27 @@ class Node:
                 driver.deliver(from_id, body)
             elif channel == _MEMBERSHIP:
                 rekeyer.deliver(from_id, body)
+            elif channel == _VERSIONS:
+                try:
+                    self.versions.heard(from_id, decode_advert(body), trio.current_time())
+                except DecodeError as exc:
+                    log.warning("dropped a malformed version advert from %s: %s", from_id, exc)
             else:
                 log.warning("dropped a peer frame of unknown kind from %s", from_id)
+
+    async def _advertise(self, channel: _PeerChannel) -> None:
+        advert = encode_advert()
+        while True:
+            for peer_id in self.config.other_peers:
+                channel.send(peer_id, advert)
+            await trio.sleep(ADVERTISE_INTERVAL_S)
+
+    def command_version(self) -> int:
+        """The command version to propose in: the newest every node applies."""
+        if self.driver is None:
+            return UNANNOUNCED_VERSION
+        conf = self.driver.status.conf
+        return self.versions.usable(conf.voters | conf.learners, trio.current_time())
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -273,6 +304,12 @@ class Node:
             "gcks_raft_leader_changes_total", counter, "Leader changes seen.", driver.leader_changes
         )
         yield one("gcks_raft_proposals_total", counter, "Proposals submitted.", driver.proposals)
+        yield one(
+            "gcks_command_version",
+            gauge,
+            "Command version this node proposes in: the newest that every node applies.",
+            self.command_version(),
+        )
         yield one(
             "gcks_registrations_total",
             counter,

@@ -32,6 +32,7 @@ from functools import partial
 import trio
 
 from gcks.cluster.commands import (
+    COMMAND_VERSION,
     MAX_REASON,
     MAX_REKEY_BATCH,
     MAX_REQUEST_TAG,
@@ -113,15 +114,19 @@ class Rekeyer:
         bootstrap_groups: tuple[GroupPolicy, ...] = (),
         clock_ms: Callable[[], int] = wall_clock_ms,
         forward: Callable[[str, bytes], object] | None = None,
+        command_version: Callable[[], int] = lambda: COMMAND_VERSION,
     ) -> None:
         """`forward(node_id, payload)` sends a membership request to a peer
-        node (best effort); without it every request is batched here."""
+        node (best effort); without it every request is batched here.
+        `command_version()` is the newest version every node of the cluster
+        applies (`gcks.cluster.versions`): commands are made in it."""
         self._driver = driver
         self._forward = forward
         self._forwarded: dict[int, _Forwarded] = {}  # by request tag
         self._settings = settings
         self._bootstrap = bootstrap_groups
         self._clock_ms = clock_ms
+        self.command_version = command_version
         self._skew_warnings = LogThrottle()
         # Per group, the batches not yet proposed, oldest first: a request goes
         # to the first one that can take it (see `_batch`).
@@ -198,7 +203,6 @@ class Rekeyer:
 
     async def _forward_to_leader(self, request: MembershipRequest) -> ApplyResult:
         waiter = self._forwarded[request.tag] = _Forwarded()
-        data = encode_request(request)
         assert self._forward is not None
         try:
             while not waiter.done.is_set():
@@ -213,7 +217,7 @@ class Rekeyer:
                     # that fails before proposing it, an answer that arrived
                     # inside a snapshot). Apply skips a tag it has seen, so a
                     # second copy that commits changes nothing.
-                    self._forward(status.leader, data)
+                    self._forward(status.leader, encode_request(request, self.command_version()))
                 await first_of(
                     waiter.done.wait,
                     self._driver.wait_status_change,
@@ -273,6 +277,7 @@ class Rekeyer:
                 tek_key=os.urandom(32) if tek else None,
                 refresh_kek=kek,
                 now_ms=self.now_ms(),
+                version=self.command_version(),
                 reason="forced by administrator",
             )
         )
@@ -286,6 +291,7 @@ class Rekeyer:
                 self.now_ms(),
                 tree_seed=os.urandom(32),
                 tek_key=os.urandom(32),
+                version=self.command_version(),
             )
         )
 
@@ -297,6 +303,7 @@ class Rekeyer:
                 tree_seed=os.urandom(32),
                 tek_key=os.urandom(32),
                 now_ms=self.now_ms(),
+                version=self.command_version(),
             )
         )
 
@@ -379,6 +386,7 @@ class Rekeyer:
                     tek_key=os.urandom(32) if new_tek else None,
                     refresh_kek=False,
                     now_ms=self.now_ms(),
+                    version=self.command_version(),
                     reason=reason,
                 )
             )
@@ -439,6 +447,7 @@ class Rekeyer:
                         tek_key=os.urandom(32) if new_tek else None,
                         refresh_kek=refresh_kek,
                         now_ms=now,
+                        version=self.command_version(),
                         reason="key lifetime",
                     )
                 )

@@ -821,7 +821,13 @@ class GroupState:
     # ------------------------------------------------------------- snapshots
 
     def snapshot(self) -> bytes:
-        """The whole state as bytes (holds every key: store encrypted only)."""
+        """The whole state as bytes (holds every key: store encrypted only).
+
+        In the lowest format that holds it: until an entry of command version
+        2 applies there are no group clocks, and the nodes of the previous
+        version (a rolling upgrade, `gcks.cluster.versions`) read what a
+        leader sends them."""
+        fmt = SNAPSHOT_FORMAT if any(g.clock_ms or g.departed for g in self._groups.values()) else 2
         groups = []
         for name in sorted(self._groups):
             g = self._groups[name]
@@ -840,15 +846,16 @@ class GroupState:
                         for m in sorted(g.members.values(), key=lambda m: m.member_id)
                     ],
                     sorted(g.banned),
-                    g.clock_ms,
-                    [[mid, at] for mid, at in g.departed.items()],
+                    *(
+                        [g.clock_ms, [[mid, at] for mid, at in g.departed.items()]]
+                        if fmt > 2
+                        else []
+                    ),
                 ]
             )
         audit = [[a.index, a.time_ms, a.group, a.event, a.member, a.detail] for a in self._audit]
         retired = [[name, self._retired[name]] for name in sorted(self._retired)]
-        return packb(
-            [SNAPSHOT_FORMAT, self.applied_index, groups, audit, list(self._seen), retired]
-        )
+        return packb([fmt, self.applied_index, groups, audit, list(self._seen), retired])
 
     @classmethod
     def restore(cls, data: bytes) -> GroupState:

@@ -16,8 +16,9 @@ import trio
 from gcks.cluster.commands import COMMAND_VERSION
 from gcks.cluster.config import load_config
 from gcks.cluster.driver import NoQuorum
-from gcks.cluster.node import Node
+from gcks.cluster.node import _VERSIONS, Node, _PeerChannel
 from gcks.cluster.state import UpgradeRequired
+from gcks.cluster.versions import PeerVersions
 from gcks.member.session import Refused
 from gcks.proto.codec import packb
 from gcks.proto.messages import GsaAnswer
@@ -262,6 +263,58 @@ async def test_an_entry_from_a_newer_version_stops_each_node_that_reaches_it(
     for node in nodes.values():
         assert node.driver is not None
         assert node.driver.state.applied_index <= before
+
+
+async def test_a_node_of_the_previous_version_holds_proposals_at_it_until_it_upgrades(
+    tmp_path: Path,
+) -> None:
+    # A rolling upgrade: n3 still runs a gcks from before the version gate, so
+    # it says nothing. Entries of version 2 would stop it (the test above).
+    kit = make_kit(tmp_path)
+    nodes: dict[str, Node] = {}
+
+    async def says_nothing(channel: object) -> None:
+        await trio.sleep_forever()
+
+    def newest_clocks() -> set[int]:
+        return {n.driver.state._groups["demo"].clock_ms for n in nodes.values() if n.driver}
+
+    async with trio.open_nursery() as nursery:
+        for nid in kit.node_ids:
+            nodes[nid] = Node(load_config(kit.config(nid)))
+            if nid == "n3":  # were it leader, it would propose what it knows
+                nodes[nid]._advertise = says_nothing  # type: ignore[method-assign]
+                nodes[nid].versions = PeerVersions("n3", own=1)
+            await nursery.start(nodes[nid].run)
+        await wait_for_group(nodes)
+        with trio.fail_after(20):  # n1 and n2 have told each other
+            while not all(
+                nodes[a].versions.of(b, trio.current_time()) == COMMAND_VERSION
+                for a, b in (("n1", "n2"), ("n2", "n1"))
+            ):
+                await trio.sleep(0.05)
+        assert {n.command_version() for n in nodes.values()} == {1}
+        await register(kit, "m1", "n1")
+        await register(kit, "m2", "n2")
+        assert newest_clocks() == {0}, "no entry of version 2 was applied"
+        # n3 is upgraded: it now says what it applies, and proposals follow.
+        del nodes["n3"]._advertise
+        n3 = nodes["n3"]
+        n3.versions = PeerVersions("n3")
+        assert n3.transport is not None
+        nursery.start_soon(n3._advertise, _PeerChannel(n3.transport, _VERSIONS))
+        with trio.fail_after(20):
+            while {n.command_version() for n in nodes.values()} != {COMMAND_VERSION}:
+                await trio.sleep(0.05)
+        last = await register(kit, "m3", "n3")
+        with trio.fail_after(10):
+            while any(
+                n.driver and n.driver.state.msg_id("demo") < last.msg_id for n in nodes.values()
+            ):
+                await trio.sleep(0.02)
+        (clock,) = newest_clocks()
+        assert clock > 0, "the join applied as a command of version 2, on every node"
+        nursery.cancel_scope.cancel()
 
 
 async def test_metrics_count_what_each_peer_link_carries(tmp_path: Path) -> None:

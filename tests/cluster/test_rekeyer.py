@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+import msgpack
 import pytest
 import trio
 import trio.testing
@@ -352,6 +353,35 @@ async def test_a_forwarded_join_goes_to_each_new_leader_until_its_entry_applies(
     assert cluster.proposed[0].joins[0].requested_ms == T0 + 1000
 
 
+async def test_commands_and_forwarded_requests_are_made_in_the_clusters_version(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A node of the previous version is still in the cluster: it would stop at
+    # an entry of version 2, and drop a forwarded join of 5 fields.
+    cluster = _Cluster("n1", "n2")
+    cluster.lead("n1")
+    for node in cluster.nodes.values():
+        node.rekeyer.command_version = lambda: 1
+    follower = cluster.nodes["n2"]
+    payloads: list[bytes] = []
+    forward = follower.rekeyer._forward
+    assert forward is not None
+
+    def recording(to: str, payload: bytes) -> object:
+        payloads.append(payload)
+        return forward(to, payload)
+
+    follower.rekeyer._forward = recording
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            for node in cluster.nodes.values():
+                await nursery.start(node.rekeyer.run)
+            await follower.rekeyer.join("demo", "m1", Role.RECEIVER, None)
+            nursery.cancel_scope.cancel()
+    assert [len(join) for join in msgpack.unpackb(payloads[0])[3]] == [4]
+    assert [c.version for c in cluster.proposed] == [1]
+
+
 async def test_two_registrations_of_one_member_through_two_nodes_are_both_answered_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -465,7 +495,7 @@ async def test_a_node_that_does_not_lead_drops_forwarded_requests_and_malformed_
     cluster = _Cluster("n1", "n2")
     cluster.lead("n1")
     follower = cluster.nodes["n2"].rekeyer
-    payload = encode_request(MembershipRequest(7, "demo", joins=(Join("m1", Role.RECEIVER),)))
+    payload = encode_request(MembershipRequest(7, "demo", joins=(Join("m1", Role.RECEIVER),)), 2)
     follower.deliver("n1", payload)  # n2 does not lead: nothing batched
     cluster.nodes["n1"].rekeyer.deliver("n2", b"\xc1 not msgpack")  # logged, not raised
     await trio.sleep(5)

@@ -8,6 +8,7 @@ secrecy, forward access control, termination, no forged rekeys.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable
 
@@ -918,3 +919,39 @@ def test_a_clock_that_ran_ahead_leaves_no_departures_behind() -> None:
     cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)], stamped=cluster.now + 3_600_000)
     cluster.rekey()  # by a leader whose clock is right
     assert _join_requested(cluster, "m1", cluster.now).joined == (("demo", "m1"),)
+
+
+# ---------------------------------------------------------- the previous version
+
+
+def test_a_command_made_in_version_1_is_what_version_1_nodes_read() -> None:
+    # An upgraded leader proposes version 1 until every node applies version 2
+    # (`gcks.cluster.versions`); nodes of version 1 read joins of 4 fields.
+    join = Join("m1", Role.SENDER, b"k" * 32, tag=5, requested_ms=T0)
+    command = Rekey("demo", (join,), (), b"S" * 32, None, False, T0, "r", version=1)
+    fields = msgpack.unpackb(encode_command(command))
+    assert fields[0] == 1
+    assert fields[3] == [["m1", "sender", b"k" * 32, 5]]
+    decoded = decode_command(encode_command(command))
+    assert decoded == dataclasses.replace(
+        command, joins=(dataclasses.replace(join, requested_ms=0),)
+    )
+
+
+def test_snapshots_stay_in_the_previous_format_until_a_version_2_entry_applies() -> None:
+    # A leader sends its snapshot to followers that may still run version 1.
+    def create(version: int) -> CreateGroup:
+        return CreateGroup(policy(), seed(1), seed(2), seed(3), T0, version=version)
+
+    state = GroupState()
+    state.apply(1, encode_command(create(1)))
+    join = Rekey(
+        "demo", (Join("m1", Role.RECEIVER),), (), seed(4), None, False, T0 + 1, "j", version=1
+    )
+    state.apply(2, encode_command(join))
+    fields = msgpack.unpackb(state.snapshot())
+    assert fields[0] == 2
+    assert [len(group) for group in fields[2]] == [10]
+    assert GroupState.restore(state.snapshot()).snapshot() == state.snapshot()
+    state.apply(3, encode_command(dataclasses.replace(join, joins=(), tek_key=seed(5), version=2)))
+    assert msgpack.unpackb(state.snapshot())[0] == state_module.SNAPSHOT_FORMAT == 3
