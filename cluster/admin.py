@@ -39,6 +39,7 @@ from gcks.cluster.driver import NoQuorum, RaftDriver
 from gcks.cluster.raft.errors import NotLeader, RaftError
 from gcks.cluster.raft.types import ConfChange, ConfChangeType
 from gcks.cluster.rekeyer import Rekeyer
+from gcks.cluster.state import GroupState, StateError
 from gcks.cluster.tls import verify_peer
 from gcks.proto.codec import FrameDecoder, encode_frame, packb, unpackb
 from gcks.proto.errors import DecodeError, PolicyError, ProtocolError
@@ -391,12 +392,20 @@ class AdminServer:
         snapshot = args.get("snapshot")
         if not isinstance(snapshot, bytes):
             raise AdminError("bad_request", "snapshot: expected bytes")
-        return await self._propose(
-            encode_command(
-                RestoreState(
-                    snapshot, self._rekeyer.now_ms(), version=self._rekeyer.command_version()
-                )
+        version = self._rekeyer.command_version()
+        try:
+            old_nodes_stop = version < 2 and GroupState.snapshot_format(snapshot) >= 3
+        except StateError as exc:
+            raise AdminError("rejected", str(exc)) from None
+        if old_nodes_stop:
+            # Nodes of the previous version cannot read it: they would stop.
+            raise AdminError(
+                "rejected",
+                "this backup was written by a gcks of command version 2; restore it once "
+                "every node runs one (gcks_command_version shows 2)",
             )
+        return await self._propose(
+            encode_command(RestoreState(snapshot, self._rekeyer.now_ms(), version=version))
         )
 
 

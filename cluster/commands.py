@@ -20,8 +20,9 @@ they did when they were logged: nodes that restart replay them.
 
 Versions: 1, the first; 2, apply never lets a group's key times go back (a
 batch stamped before a leader change can commit after one stamped later), and
-a join carries the time its request arrived, so apply can tell a copy that
-arrives after a later leave of the member (`GroupState`, `_Group.at_time`).
+joins and leaves carry the time their request arrived, so apply can tell a
+join that arrives after a later leave of the member (`_Group.at_time`,
+`_Group.stale`).
 
 May import `gcks.proto`. Must never read a clock, draw randomness or do I/O.
 Key material is kept out of every repr.
@@ -85,10 +86,11 @@ class Join:
     # Apply skips a tag it has applied before: a request sent again to a new
     # leader may commit twice, and a second join would move a sender's id.
     tag: int = 0
-    # When the node serving the member got the request (0: logged before
-    # command version 2). A forwarded copy can still be re-sent, and commit,
-    # after the member gave up, registered elsewhere and left: apply skips a
-    # join requested before the member's latest leave applied.
+    # When the node serving the member got the request: its clock, but never
+    # before the newest time it applied (0: logged before command version 2).
+    # A forwarded copy can still be re-sent, and commit, after the member gave
+    # up, registered elsewhere and left: apply skips a join requested before
+    # the member's latest leave was.
     requested_ms: int = 0
 
 
@@ -97,6 +99,7 @@ class Leave:
     member_id: str
     reason: LeaveReason
     tag: int = 0  # as `Join.tag`
+    requested_ms: int = 0  # as `Join.requested_ms` (0: also a leave apply made)
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +193,7 @@ def encode_command(command: Command) -> bytes:
                 CommandType.REKEY,
                 command.group,
                 [join_fields(join, command.version) for join in command.joins],
-                [leave_fields(leave) for leave in command.leaves],
+                [leave_fields(leave, command.version) for leave in command.leaves],
                 command.tree_seed,
                 command.tek_key,
                 command.refresh_kek,
@@ -262,8 +265,8 @@ def decode_command(data: bytes) -> Command:
     )
     return Rekey(
         group=read_str(group, "Rekey.group", 64, GROUP_ID_PATTERN),
-        joins=read_joins(joins, "Rekey.joins", MAX_BATCH),
-        leaves=read_leaves(leaves, "Rekey.leaves", MAX_BATCH),
+        joins=read_joins(joins, "Rekey.joins", MAX_BATCH, version),
+        leaves=read_leaves(leaves, "Rekey.leaves", MAX_BATCH, version),
         tree_seed=read_bytes(tree_seed, "Rekey.tree_seed", SEED_SIZE, SEED_SIZE),
         tek_key=read_optional(tek_key, "Rekey.tek_key", read_bytes, KEY_SIZE, KEY_SIZE),
         refresh_kek=read_bool(refresh_kek, "Rekey.refresh_kek"),
@@ -286,13 +289,14 @@ def join_fields(join: Join, version: int) -> list[object]:
     return fields if version < 2 else [*fields, join.requested_ms]
 
 
-def leave_fields(leave: Leave) -> list[object]:
-    return [leave.member_id, leave.reason.value, leave.tag]
+def leave_fields(leave: Leave, version: int) -> list[object]:
+    fields: list[object] = [leave.member_id, leave.reason.value, leave.tag]
+    return fields if version < 2 else [*fields, leave.requested_ms]
 
 
-def _read_join(value: object, name: str) -> Join:
+def _read_join(value: object, name: str, version: int) -> Join:
     # 3 fields: logged before request tags; 4: before command version 2.
-    fields = read_list(value, name, 5, min_items=3)
+    fields = read_list(value, name, 4 if version < 2 else 5, min_items=3)
     member_id, role, sender_key, tag, requested_ms = (*fields, 0, 0)[:5]
     return Join(
         member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),
@@ -305,25 +309,28 @@ def _read_join(value: object, name: str) -> Join:
     )
 
 
-def read_joins(value: object, name: str, max_items: int) -> tuple[Join, ...]:
+def read_joins(value: object, name: str, max_items: int, version: int) -> tuple[Join, ...]:
+    """Joins as a command of `version` carries them: version 1 had no request time."""
     items = read_list(value, name, max_items)
-    return tuple(_read_join(item, f"{name}[{i}]") for i, item in enumerate(items))
+    return tuple(_read_join(item, f"{name}[{i}]", version) for i, item in enumerate(items))
 
 
-def read_leaves(value: object, name: str, max_items: int) -> tuple[Leave, ...]:
+def read_leaves(value: object, name: str, max_items: int, version: int) -> tuple[Leave, ...]:
     items = read_list(value, name, max_items)
-    return tuple(_read_leave(item, f"{name}[{i}]") for i, item in enumerate(items))
+    return tuple(_read_leave(item, f"{name}[{i}]", version) for i, item in enumerate(items))
 
 
 def read_request_tag(value: object, name: str) -> int:
     return read_int(value, name, 1, MAX_REQUEST_TAG)
 
 
-def _read_leave(value: object, name: str) -> Leave:
-    fields = read_list(value, name, 3, min_items=2)  # 2: logged before request tags
-    member_id, reason, tag = (*fields, 0) if len(fields) == 2 else fields
+def _read_leave(value: object, name: str, version: int) -> Leave:
+    # 2 fields: logged before request tags; 3: before command version 2.
+    fields = read_list(value, name, 3 if version < 2 else 4, min_items=2)
+    member_id, reason, tag, requested_ms = (*fields, 0, 0)[:4]
     return Leave(
         member_id=read_str(member_id, f"{name}.member_id", 64, MEMBER_ID_PATTERN),
         reason=read_enum(reason, f"{name}.reason", LeaveReason),
         tag=read_int(tag, f"{name}.tag", 0, MAX_REQUEST_TAG),
+        requested_ms=read_int(requested_ms, f"{name}.requested_ms", 0, MAX_TIME_MS),
     )

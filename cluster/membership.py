@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from gcks.cluster.commands import (
+    COMMAND_VERSION,
     MAX_REKEY_BATCH,
     Join,
     Leave,
@@ -62,7 +63,7 @@ def encode_request(request: MembershipRequest, command_version: int) -> bytes:
             request.tag,
             request.group,
             [join_fields(join, command_version) for join in request.joins],
-            [leave_fields(leave) for leave in request.leaves],
+            [leave_fields(leave, command_version) for leave in request.leaves],
         ]
     )
 
@@ -76,6 +77,6 @@ def decode_request(data: bytes) -> MembershipRequest:
     return MembershipRequest(
         tag=read_request_tag(tag, "MembershipRequest.tag"),
         group=read_str(group, "MembershipRequest.group", 64, GROUP_ID_PATTERN),
-        joins=read_joins(joins, "MembershipRequest.joins", MAX_REKEY_BATCH),
-        leaves=read_leaves(leaves, "MembershipRequest.leaves", MAX_REKEY_BATCH),
+        joins=read_joins(joins, "MembershipRequest.joins", MAX_REKEY_BATCH, COMMAND_VERSION),
+        leaves=read_leaves(leaves, "MembershipRequest.leaves", MAX_REKEY_BATCH, COMMAND_VERSION),
     )

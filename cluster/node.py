@@ -238,7 +238,11 @@ class Node:
         if self.driver is None:
             return UNANNOUNCED_VERSION
         conf = self.driver.status.conf
-        return self.versions.usable(conf.voters | conf.learners, trio.current_time())
+        usable = self.versions.usable(conf.voters | conf.learners, trio.current_time())
+        # Never below an entry already applied: a node of an older version stops
+        # there anyway, and a node merely quiet for a while (a restart) must not
+        # bring back what version 1 lacks.
+        return max(usable, self.driver.state.newest_version)
 
     async def _signals(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -437,8 +437,9 @@ class Registrar:
         if key in result.full:
             return error(ErrorCode.GROUP_FULL, "the group has room for no more senders")
         if key in result.stale:
-            # Seen only when this node's clock lags the leader's by more than the
-            # skew allowed: the member retries on BUSY, and a later request is newer.
+            # A member still waiting here only if this node's clock lags the one
+            # that took the leave by more than the skew allowed, and it had not
+            # applied the leave yet: the member retries on BUSY, later and newer.
             return error(ErrorCode.BUSY, "the join was older than the member's last leave")
         if answer is None:
             return error(ErrorCode.UNAUTHORIZED, "the join was not applied (evicted?)")

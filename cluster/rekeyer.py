@@ -150,12 +150,12 @@ class Rekeyer:
         """Add `member_id` to the group's next batch and wait until the entry
         that carries it is applied here; that entry's result."""
         tag = _new_tag()
-        join = Join(member_id, role, sender_key, tag=tag, requested_ms=self.now_ms())
+        join = Join(member_id, role, sender_key, tag=tag, requested_ms=self.request_ms())
         return await self._request(MembershipRequest(tag, group, joins=(join,)))
 
     async def leave(self, group: str, member_id: str, reason: LeaveReason) -> ApplyResult:
         tag = _new_tag()
-        leave = Leave(member_id, reason, tag=tag)
+        leave = Leave(member_id, reason, tag=tag, requested_ms=self.request_ms())
         return await self._request(MembershipRequest(tag, group, leaves=(leave,)))
 
     async def _request(self, request: MembershipRequest) -> ApplyResult:
@@ -265,6 +265,13 @@ class Rekeyer:
                 "using that time" if lag <= CLOCK_CLAMP_MS else "too far to follow",
             )
         return latest if 0 < lag <= CLOCK_CLAMP_MS else local
+
+    def request_ms(self) -> int:
+        """When a membership request arrived (`Join.requested_ms`): this node's
+        clock, but never before the newest time it applied, however far its
+        clock lags. A node that has applied a member's leave then stamps that
+        member's next request later than the leave, whatever the clocks."""
+        return max(self._clock_ms(), self._driver.state.latest_ms)
 
     async def force(self, group: str, *, tek: bool = True, kek: bool = False) -> ApplyResult:
         """An administrator's rekey: a new TEK, a refreshed KEK, or both."""

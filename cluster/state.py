@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from gcks.cluster.commands import (
+    COMMAND_VERSION,
     MAX_REKEY_BATCH,
     Command,
     CreateGroup,
@@ -81,8 +82,8 @@ from gcks.proto.schema import (
 
 log = logging.getLogger(__name__)
 
-# 2 added the retired message ids, 3 the group clocks and recent departures;
-# every earlier format restores.
+# 2 added the retired message ids, 3 the group clocks, recent departures and
+# the newest command version applied; every earlier format restores.
 SNAPSHOT_FORMAT: Final = 3
 AUDIT_LIMIT: Final = 10_000  # audit records kept in the replicated state (all are logged)
 # A proposal re-sent after a leader change may commit twice; the second copy is
@@ -95,10 +96,10 @@ MAX_SENDER_ID: Final = 0xFFFF_FFFF
 # back means the clock came from a node whose own ran ahead; following that
 # would hold every key time at it.
 CLOCK_HOLD_MS: Final = 30_000
-# A join requested this long before its member's latest leave applied is a
-# stale copy (`Join.requested_ms`); the slack absorbs the clock skew between
-# the node that took the request and the leader that stamped the leave. A
-# stale copy trails the leave by at least a member's registration deadline.
+# A join requested this much before its member's latest leave was requested is
+# a stale copy (`_Group.stale`); the slack absorbs clock skew between the nodes
+# that took the two requests. A stale copy is older than the leave by at least
+# a member's registration deadline (5 s by default).
 REQUEST_SKEW_MS: Final = 2_000
 
 
@@ -223,14 +224,15 @@ class _Group:
         members: dict[str, MemberRecord],
         banned: set[str],
         clock_ms: int,
-        departed: dict[str, int],
+        departed: dict[str, tuple[int, int]],
     ) -> None:
         self.policy = policy
         # The time the group's last command of version 2 or later applied at
         # (0: none yet): see `at_time`.
         self.clock_ms = clock_ms
-        # Members that left in the last `CLOCK_HOLD_MS` by the clock: the time
-        # each left at, oldest first (commands of version 2 or later only).
+        # Members that left in the last `CLOCK_HOLD_MS` by the clock: when each
+        # one's latest leave was requested (0: made by apply) and when it
+        # applied, oldest first (commands of version 2 or later only).
         self.departed = departed
         self.banned = banned  # evicted identities: refused until an admin re-admits them
         self.signing_seed = signing_seed
@@ -271,19 +273,27 @@ class _Group:
                     self.policy.group_id,
                     behind / 1000,
                 )
-                # Departure times from the fast clock would refuse joins for as
+                # Departures timed by the fast clock would outstay the hold by as
                 # long as it ran ahead: forget them.
                 self.departed.clear()
             self.clock_ms = command.now_ms
         horizon = self.clock_ms - CLOCK_HOLD_MS
-        while self.departed and next(iter(self.departed.values())) < horizon:
+        while self.departed and next(iter(self.departed.values()))[1] < horizon:
             del self.departed[next(iter(self.departed))]
         return self.clock_ms
 
     def stale(self, join: Join) -> bool:
-        """Whether `join` was requested before its member's latest leave applied."""
+        """Whether `join` was requested before the member's latest leave was.
+
+        Request times, not apply times: a member that deregisters and at
+        once registers again, in one batch interval, is not refused however
+        long the interval. The nodes that take requests stamp them no earlier
+        than the newest time they applied (`Rekeyer.request_ms`), so a leader
+        whose clock runs ahead locks nobody out."""
         left = self.departed.get(join.member_id)
-        return left is not None and 0 < join.requested_ms < left - REQUEST_SKEW_MS
+        return (
+            left is not None and left[0] > 0 and 0 < join.requested_ms < left[0] - REQUEST_SKEW_MS
+        )
 
     def allocate_spi(self) -> int:
         spi = self.next_spi
@@ -321,6 +331,10 @@ class GroupState:
         # restore): proposers never stamp a command earlier (`Rekeyer.now_ms`).
         # Read by proposers only; apply never depends on it.
         self.latest_ms = 0
+        # The newest command version of the entries applied: every node of an
+        # older version stops at such an entry anyway, so proposers never go
+        # below it (`gcks.cluster.versions`). Apply never depends on it.
+        self.newest_version = 1
 
     # ------------------------------------------------------------------ reads
 
@@ -423,6 +437,7 @@ class GroupState:
             log.error("log entry %d is not a valid command, skipped: %s", index, exc)
             return ApplyResult(rejected=f"invalid command: {exc}")
         self._remember(digest)
+        self.newest_version = max(self.newest_version, command.version)
         # `UpgradeRequired` leaves the entry unapplied: the node stops and
         # applies it once it runs the newer version.
         result = self._apply(index, command)
@@ -463,8 +478,11 @@ class GroupState:
             # Message ids never go back: members drop ids <= the last they saw,
             # and the saved KEK sealed every id up to the group's last one.
             g.msg_id = max(g.msg_id, retired.pop(name, 0))
-            if (current := self._groups.get(name)) is not None:
-                g.clock_ms = max(g.clock_ms, current.clock_ms)  # nor do key times
+            # Nor do key times. The backup's departures are of another time: the
+            # current ones still hold.
+            current = self._groups.get(name)
+            g.clock_ms = max(g.clock_ms, current.clock_ms) if current else g.clock_ms
+            g.departed = dict(current.departed) if current else {}
         self._groups = saved._groups
         self._retired = retired
         self._record(index, cmd.now_ms, "*", "restore", None, f"{len(saved._groups)} groups")
@@ -599,9 +617,11 @@ class GroupState:
 
         # Settle the batch against the current membership, deterministically.
         leaving: dict[str, LeaveReason] = {}
+        asked: dict[str, int] = {}  # when each member's latest leave was requested
         for leave in leaves:
             if leave.member_id in g.members and leave.member_id not in leaving:
                 leaving[leave.member_id] = leave.reason
+            asked[leave.member_id] = max(asked.get(leave.member_id, 0), leave.requested_ms)
         tree_joins: list[str] = []
         tree_leaves: list[str] = list(leaving)
         joined: list[MemberRecord] = []
@@ -664,7 +684,7 @@ class GroupState:
                 g.banned.add(mid)
             if cmd.version >= 2:  # see `_Group.at_time`
                 g.departed.pop(mid, None)  # re-inserted last: oldest first
-                g.departed[mid] = now
+                g.departed[mid] = (asked[mid], now)
         for record in joined:
             g.members[record.member_id] = record
         senders_added = tuple(
@@ -827,7 +847,8 @@ class GroupState:
         2 applies there are no group clocks, and the nodes of the previous
         version (a rolling upgrade, `gcks.cluster.versions`) read what a
         leader sends them."""
-        fmt = SNAPSHOT_FORMAT if any(g.clock_ms or g.departed for g in self._groups.values()) else 2
+        clocks = any(g.clock_ms or g.departed for g in self._groups.values())
+        fmt = SNAPSHOT_FORMAT if clocks or self.newest_version > 1 else 2
         groups = []
         for name in sorted(self._groups):
             g = self._groups[name]
@@ -847,7 +868,7 @@ class GroupState:
                     ],
                     sorted(g.banned),
                     *(
-                        [g.clock_ms, [[mid, at] for mid, at in g.departed.items()]]
+                        [g.clock_ms, [[mid, asked, at] for mid, (asked, at) in g.departed.items()]]
                         if fmt > 2
                         else []
                     ),
@@ -855,7 +876,17 @@ class GroupState:
             )
         audit = [[a.index, a.time_ms, a.group, a.event, a.member, a.detail] for a in self._audit]
         retired = [[name, self._retired[name]] for name in sorted(self._retired)]
-        return packb([fmt, self.applied_index, groups, audit, list(self._seen), retired])
+        fields = [fmt, self.applied_index, groups, audit, list(self._seen), retired]
+        return packb(fields if fmt < 3 else [*fields, self.newest_version])
+
+    @staticmethod
+    def snapshot_format(data: bytes) -> int:
+        """The format of snapshot bytes, read without restoring them (`StateError`)."""
+        try:
+            fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 7, min_items=5)
+            return read_int(fields[0], "snapshot.format", 0, 255)
+        except DecodeError as exc:
+            raise StateError(f"not a group state snapshot: {exc}") from None
 
     @classmethod
     def restore(cls, data: bytes) -> GroupState:
@@ -867,17 +898,24 @@ class GroupState:
 
     @classmethod
     def _restore(cls, data: bytes) -> GroupState:
-        fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 6, min_items=5)
+        fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 7, min_items=5)
         fmt = read_int(fields[0], "snapshot.format", 0, 255)
         if fmt > SNAPSHOT_FORMAT:
             raise NewerSnapshot(
                 f"snapshot format {fmt}; this node reads up to format {SNAPSHOT_FORMAT}"
             )
-        if (fmt, len(fields)) not in ((1, 5), (2, 6), (3, 6)):
+        if (fmt, len(fields)) not in ((1, 5), (2, 6), (3, 7)):
             raise StateError("unknown snapshot format")
         applied, groups, audit, seen = fields[1:5]
         state = cls()
         state.applied_index = read_int(applied, "snapshot.applied", 0, 2**63)
+        if fmt >= 3:
+            state.newest_version = read_int(fields[6], "snapshot.version", 1, 255)
+            if state.newest_version > COMMAND_VERSION:
+                raise NewerSnapshot(
+                    f"the snapshot's state applied command version {state.newest_version}; "
+                    f"this node applies up to version {COMMAND_VERSION}"
+                )
         for i, item in enumerate(read_list(groups, "snapshot.groups", 1 << 20)):
             name = f"snapshot.groups[{i}]"
             shape = read_record(item, name, 10 if fmt < 3 else 12)
@@ -940,9 +978,12 @@ class GroupState:
         return state
 
 
-def _read_departed(value: object, name: str) -> dict[str, int]:
-    departed: dict[str, int] = {}
+def _read_departed(value: object, name: str) -> dict[str, tuple[int, int]]:
+    departed: dict[str, tuple[int, int]] = {}
     for item in read_list(value, name, 1 << 24):
-        member_id, at = read_record(item, name, 2)
-        departed[read_str(member_id, name, 64)] = read_int(at, name, 0, 2**63 - 1)
+        member_id, asked, at = read_record(item, name, 3)
+        departed[read_str(member_id, name, 64)] = (
+            read_int(asked, name, 0, 2**63 - 1),
+            read_int(at, name, 0, 2**63 - 1),
+        )
     return departed

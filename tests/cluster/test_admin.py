@@ -88,3 +88,24 @@ async def test_an_answer_past_the_frame_limit_is_a_typed_error_and_the_listener_
             assert caught.value.code == "too_large"
             assert await admin_call(kit, "n1", "status") == full
             nursery.cancel_scope.cancel()
+
+
+async def test_a_backup_that_older_nodes_cannot_read_is_refused_until_all_are_upgraded(
+    tmp_path: Path,
+) -> None:
+    # Nodes of the previous version stop at a restore entry they cannot read.
+    kit = make_kit(tmp_path, nodes=1, members=1)
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nodes = await start_cluster(kit, nursery)
+            rekeyer = nodes["n1"].rekeyer
+            assert rekeyer is not None
+            backup = (await admin_call(kit, "n1", "snapshot.save"))["snapshot"]
+            rekeyer.command_version = lambda: 1  # a node of the previous version is in
+            for snapshot, why in ((backup, "command version 2"), (b"junk", "not a group state")):
+                with pytest.raises(AdminError, match=why) as caught:
+                    await admin_call(kit, "n1", "snapshot.restore", {"snapshot": snapshot})
+                assert caught.value.code == "rejected"
+            rekeyer.command_version = lambda: 2  # every node upgraded
+            await admin_call(kit, "n1", "snapshot.restore", {"snapshot": backup})
+            nursery.cancel_scope.cancel()

@@ -21,7 +21,7 @@ def test_a_request_round_trips() -> None:
         2**63 - 1,
         "demo",
         joins=(Join("m1", Role.SENDER, b"k" * 32, requested_ms=5), Join("m2", Role.RECEIVER)),
-        leaves=(Leave("m3", LeaveReason.EVICT),),
+        leaves=(Leave("m3", LeaveReason.EVICT, requested_ms=6),),
     )
     assert decode_request(encode_request(request, 2)) == request
 
@@ -36,7 +36,10 @@ def test_a_request_round_trips() -> None:
         ([VERSION, 1, "bad group!", [], []], r"MembershipRequest\.group"),
         ([VERSION, 1, "demo", [["m1", "king", None]], []], r"joins\[0\]\.role"),
         ([VERSION, 1, "demo", [["m1", "sender", b"short"]], []], r"joins\[0\]\.sender_key"),
-        ([VERSION, 1, "demo", [["m1", "receiver", None, 1, -1]], []], r"joins\[0\]\.requested"),
+        (
+            [VERSION, 1, "demo", [["m1", "receiver", None, 1, -1]], []],
+            r"joins\[0\]\.requested_ms",
+        ),
         ([VERSION, 1, "demo", [], [["m1", "vanish"]]], r"leaves\[0\]\.reason"),
         ([VERSION, 1, "demo", [["m1", "receiver", None]] * (MAX_REKEY_BATCH + 1), []], r"items"),
     ],

@@ -548,6 +548,18 @@ def test_a_clock_far_behind_keeps_its_own_time_so_one_fast_node_cannot_freeze_th
     assert "too far to follow" in caplog.text
 
 
+def test_membership_requests_are_timed_no_earlier_than_the_newest_time_applied() -> None:
+    # However far this node's clock lags: having applied a member's leave, it
+    # must time that member's next registration after the leave
+    # (`_Group.stale`), or the member would be refused until the clock caught up.
+    driver = _driver()
+    driver.state.apply(2, encode_command(_join_command("m1")))
+    behind = Rekeyer(driver, RekeyerSettings(), clock_ms=lambda: T0 - 60_000)  # type: ignore[arg-type]
+    assert behind.request_ms() == driver.state.latest_ms == T0 + 1
+    ahead = Rekeyer(driver, RekeyerSettings(), clock_ms=lambda: T0 + 5)  # type: ignore[arg-type]
+    assert ahead.request_ms() == T0 + 5
+
+
 def test_the_newest_command_time_survives_a_snapshot_as_a_lower_bound() -> None:
     driver = _driver()
     driver.state.apply(2, encode_command(_join_command("m1")))

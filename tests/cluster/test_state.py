@@ -42,7 +42,14 @@ from gcks.cluster.state import (
     UpgradeRequired,
 )
 from gcks.member.group import GroupKeys, Outcome
-from gcks.proto.errors import BadSignature, DecryptError, KeyExpired, ProtocolError, UnknownSPI
+from gcks.proto.errors import (
+    BadSignature,
+    DecodeError,
+    DecryptError,
+    KeyExpired,
+    ProtocolError,
+    UnknownSPI,
+)
 from gcks.proto.messages import MAX_TEKS, RekeyBody, decode_message
 from gcks.proto.policy import Authorization, GroupPolicy, MulticastEndpoint, Role
 from gcks.proto.rekey import open_rekey, seal_rekey
@@ -842,26 +849,35 @@ def test_a_command_stamped_far_behind_the_group_clock_applies_at_its_own_time(
     assert "clock ran ahead" in caplog.text
 
 
-def test_group_clocks_survive_a_snapshot_and_older_formats_restore_without_them() -> None:
+def test_group_clocks_and_departures_survive_a_snapshot() -> None:
     cluster = Cluster(nodes=1)
     cluster.join("m1")
     cluster.join("m2")
-    snapshot = cluster.state.snapshot()
-    restored = GroupState.restore(snapshot)
-    assert restored.snapshot() == snapshot
-    cluster.nodes.append(restored)
+    cluster.nodes.append(GroupState.restore(cluster.state.snapshot()))
     _stamped_out_of_order(cluster)  # commit() asserts both nodes agree
-    # Format 2 held no clock nor departures: a group restored from one has
-    # none until a command of version 2 applies, exactly like a node that
-    # applied the version-1 entries the snapshot came from.
-    fields = msgpack.unpackb(snapshot)
-    fields[0] = 2
-    for group in fields[2]:
-        del group[10:]
-    old = GroupState.restore(msgpack.packb(fields))
-    assert old._groups["demo"].clock_ms == 0
-    assert old._groups["demo"].departed == {}
-    assert GroupState.restore(old.snapshot()).snapshot() == old.snapshot()
+    cluster.rekey(stamped=cluster.now - 500)  # a TEK only: the clock passes the KEK's time
+    restored = GroupState.restore(cluster.state.snapshot())
+    assert restored.snapshot() == cluster.state.snapshot()
+    assert restored._groups["demo"].departed == {"m1": (0, T0 + 3000)}
+    assert restored.latest_ms == cluster.state.latest_ms > cluster.state.kek("demo").activation_ms
+    cluster.nodes.append(restored)
+    cluster.rekey([Join("m1", Role.RECEIVER)], stamped=cluster.now - 4000)
+
+
+def test_restoring_a_backup_moves_no_clock_back_and_keeps_the_current_departures() -> None:
+    cluster = Cluster(nodes=1)
+    cluster.join("m1")
+    backup = cluster.state.snapshot()
+    cluster.join("m2")
+    asked = cluster.now
+    cluster.rekey(leaves=[Leave("m2", LeaveReason.DEREGISTER, requested_ms=asked + 6000)])
+    clock = cluster.state._groups["demo"].clock_ms
+    departed = dict(cluster.state._groups["demo"].departed)
+    cluster.commit(RestoreState(backup, cluster.now))
+    assert cluster.state._groups["demo"].clock_ms == clock
+    assert cluster.state._groups["demo"].departed == departed
+    # A stale copy of m2's join, requested before its leave, is still recognised.
+    assert _join_requested(cluster, "m2", asked).stale == (("demo", "m2"),)
 
 
 # ------------------------------------------- joins older than the member's leave
@@ -870,19 +886,18 @@ def test_group_clocks_survive_a_snapshot_and_older_formats_restore_without_them(
 def _join_requested(cluster: Cluster, member_id: str, requested_ms: int) -> ApplyResult:
     cluster.now += 1000
     join = Join(member_id, Role.RECEIVER, requested_ms=requested_ms)
-    return _apply_everywhere(
-        cluster, Rekey("demo", (join,), (), os.urandom(32), None, False, cluster.now, "t")
-    )
+    rekey = Rekey("demo", (join,), (), os.urandom(32), None, False, cluster.now, "t")
+    return _apply_everywhere(cluster, rekey)
 
 
 def test_a_join_requested_before_its_members_latest_leave_is_skipped() -> None:
-    # The member gave up on one node, registered at another and left there; the
-    # first node's copy of its join, sent again meanwhile, commits last.
+    # The member gave up on one node (after 5 s), registered at another and
+    # left there; the first node's copy of its join, sent again, commits last.
     cluster = Cluster(nodes=2)
     cluster.join("m1")
-    asked = cluster.now - 5000
-    cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)])
-    left = cluster.now
+    asked = cluster.now
+    leave = Leave("m1", LeaveReason.DEREGISTER, requested_ms=asked + 6000)
+    cluster.rekey(leaves=[leave])
     cluster.nodes.append(GroupState.restore(cluster.state.snapshot()))  # it remembers too
     msg_id = cluster.state.msg_id("demo")
     result = _join_requested(cluster, "m1", asked)
@@ -891,9 +906,36 @@ def test_a_join_requested_before_its_members_latest_leave_is_skipped() -> None:
     assert not cluster.state.is_member("demo", "m1")
     assert cluster.state.msg_id("demo") == msg_id, "nothing changed: no rekey"
     # Requested after the leave, up to the clock skew allowed between nodes: a join.
-    result = _join_requested(cluster, "m1", left - state_module.REQUEST_SKEW_MS)
+    result = _join_requested(cluster, "m1", leave.requested_ms - state_module.REQUEST_SKEW_MS)
     assert result.joined == (("demo", "m1"),)
     assert result.stale == ()
+
+
+def test_a_leader_whose_clock_runs_ahead_makes_no_join_look_stale() -> None:
+    # Requests are timed where they arrive, leaves as much as joins: the
+    # leader's clock, which times the entries, plays no part.
+    cluster = Cluster(nodes=1)
+    cluster.join("m1")
+    asked = cluster.now
+    leave = Leave("m1", LeaveReason.DEREGISTER, requested_ms=asked)
+    cluster.rekey(leaves=[leave], stamped=asked + 3_600_000)
+    assert _join_requested(cluster, "m1", asked + 100).joined == (("demo", "m1"),)
+
+
+def test_departures_are_kept_oldest_first_at_the_time_they_applied() -> None:
+    cluster = Cluster(nodes=1)
+    for mid in ("m1", "m2"):
+        cluster.join(mid)
+    departed = cluster.state._groups["demo"].departed
+    cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)])
+    asked = cluster.now
+    leave = Leave("m2", LeaveReason.DEREGISTER, requested_ms=asked)
+    cluster.rekey(leaves=[leave], stamped=cluster.now - 5000)
+    clock = cluster.state._groups["demo"].clock_ms
+    assert departed["m2"] == (asked, clock), "applied at the clock, not at its stamp"
+    _join_requested(cluster, "m1", cluster.now)
+    cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)])
+    assert list(departed) == ["m2", "m1"], "m1's latest leave is the newest"
 
 
 def test_departures_are_forgotten_after_the_hold() -> None:
@@ -907,18 +949,21 @@ def test_departures_are_forgotten_after_the_hold() -> None:
     cluster.now += state_module.CLOCK_HOLD_MS - 1000  # m1 left just past the hold
     cluster.rekey()
     assert list(departed) == ["m2"]
-    # A join without a request time (logged by version 1) is never stale.
+    # Nor is a join stale without a request time (logged by version 1), or
+    # after a leave without one (m2's, like those a policy update makes).
+    assert _join_requested(cluster, "m2", 1).joined == (("demo", "m2"),)
+    cluster.rekey(leaves=[Leave("m2", LeaveReason.DEREGISTER, requested_ms=cluster.now)])
     assert _join_requested(cluster, "m2", 0).joined == (("demo", "m2"),)
 
 
 def test_a_clock_that_ran_ahead_leaves_no_departures_behind() -> None:
-    # Departure times from a fast clock would refuse joins until real time
-    # caught up with it.
+    # Timed by the fast clock, they would outstay the hold by as long as it ran ahead.
     cluster = Cluster(nodes=1)
     cluster.join("m1")
     cluster.rekey(leaves=[Leave("m1", LeaveReason.DEREGISTER)], stamped=cluster.now + 3_600_000)
+    assert cluster.state._groups["demo"].departed
     cluster.rekey()  # by a leader whose clock is right
-    assert _join_requested(cluster, "m1", cluster.now).joined == (("demo", "m1"),)
+    assert cluster.state._groups["demo"].departed == {}
 
 
 # ---------------------------------------------------------- the previous version
@@ -928,30 +973,65 @@ def test_a_command_made_in_version_1_is_what_version_1_nodes_read() -> None:
     # An upgraded leader proposes version 1 until every node applies version 2
     # (`gcks.cluster.versions`); nodes of version 1 read joins of 4 fields.
     join = Join("m1", Role.SENDER, b"k" * 32, tag=5, requested_ms=T0)
-    command = Rekey("demo", (join,), (), b"S" * 32, None, False, T0, "r", version=1)
+    leave = Leave("m2", LeaveReason.DEREGISTER, tag=6, requested_ms=T0)
+    command = Rekey("demo", (join,), (leave,), b"S" * 32, None, False, T0, "r", version=1)
     fields = msgpack.unpackb(encode_command(command))
     assert fields[0] == 1
     assert fields[3] == [["m1", "sender", b"k" * 32, 5]]
+    assert fields[4] == [["m2", "deregister", 6]]
     decoded = decode_command(encode_command(command))
     assert decoded == dataclasses.replace(
-        command, joins=(dataclasses.replace(join, requested_ms=0),)
+        command,
+        joins=(dataclasses.replace(join, requested_ms=0),),
+        leaves=(dataclasses.replace(leave, requested_ms=0),),
     )
+    # And version 1 entries are read as version 1 nodes read them: one more
+    # field would make them skip the entry; this version must not apply it.
+    for position, longer in ((3, ["m1", "sender", b"k" * 32, 5, T0]), (4, ["m2", "evict", 6, T0])):
+        wrong = list(fields)
+        wrong[position] = [longer]
+        with pytest.raises(DecodeError, match=r"Rekey\.(joins|leaves)\[0\]"):
+            decode_command(msgpack.packb(wrong))
 
 
-def test_snapshots_stay_in_the_previous_format_until_a_version_2_entry_applies() -> None:
+def test_version_1_entries_leave_no_trace_of_version_2_and_snapshots_stay_format_2() -> None:
     # A leader sends its snapshot to followers that may still run version 1.
-    def create(version: int) -> CreateGroup:
-        return CreateGroup(policy(), seed(1), seed(2), seed(3), T0, version=version)
-
     state = GroupState()
-    state.apply(1, encode_command(create(1)))
-    join = Rekey(
-        "demo", (Join("m1", Role.RECEIVER),), (), seed(4), None, False, T0 + 1, "j", version=1
-    )
-    state.apply(2, encode_command(join))
+
+    def apply(command: object) -> ApplyResult:
+        return state.apply(state.applied_index + 1, encode_command(command))  # type: ignore[arg-type]
+
+    apply(CreateGroup(policy(), seed(1), seed(2), seed(3), T0, version=1))
+    for i, mid in enumerate(("a1", "m1", "m2")):
+        join = Join(mid, Role.RECEIVER, requested_ms=T0)
+        apply(Rekey("demo", (join,), (), seed(4 + i), None, False, T0 + i, "j", version=1))
+    leave = Leave("m1", LeaveReason.DEREGISTER, requested_ms=T0 + 10)
+    apply(Rekey("demo", (), (leave,), seed(9), seed(10), False, T0 + 10, "l", version=1))
+    only_a = policy(authorize=(Authorization("a*", frozenset({Role.RECEIVER})),))
+    revoked = apply(UpdatePolicy(only_a, T0 + 20, seed(11), seed(12), version=1))
+    assert revoked.left == (("demo", "m2", LeaveReason.REVOKE),)
+    assert state._groups["demo"].clock_ms == 0
+    assert state._groups["demo"].departed == {}
     fields = msgpack.unpackb(state.snapshot())
-    assert fields[0] == 2
-    assert [len(group) for group in fields[2]] == [10]
-    assert GroupState.restore(state.snapshot()).snapshot() == state.snapshot()
-    state.apply(3, encode_command(dataclasses.replace(join, joins=(), tek_key=seed(5), version=2)))
+    assert (fields[0], len(fields), [len(group) for group in fields[2]]) == (2, 6, [10])
+    # A node restored from it agrees with this one on the first version 2 entry.
+    restored = GroupState.restore(state.snapshot())
+    assert restored.snapshot() == state.snapshot()
+    late = Rekey("demo", (), (), seed(13), seed(14), False, T0 + 5, "t", version=2)
+    assert restored.apply(state.applied_index + 1, encode_command(late)) == apply(late)
+    assert restored._groups["demo"].clock_ms == state._groups["demo"].clock_ms == T0 + 5
     assert msgpack.unpackb(state.snapshot())[0] == state_module.SNAPSHOT_FORMAT == 3
+
+
+def test_the_newest_command_version_applied_is_kept_in_snapshots() -> None:
+    # Proposers never go below it (`Node.command_version`).
+    state = GroupState()
+    state.apply(1, encode_command(CreateGroup(policy(), seed(1), seed(2), seed(3), T0, version=1)))
+    assert state.newest_version == 1
+    state.apply(2, encode_command(DeleteGroup("demo", T0, version=2)))
+    assert state.newest_version == 2
+    assert GroupState.restore(state.snapshot()).newest_version == 2
+    fields = msgpack.unpackb(state.snapshot())
+    fields[6] = COMMAND_VERSION + 1
+    with pytest.raises(state_module.NewerSnapshot, match="command version"):
+        GroupState.restore(msgpack.packb(fields))

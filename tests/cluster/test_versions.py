@@ -6,10 +6,18 @@ nodes still on the previous version stop at (`GroupState.apply`).
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import msgpack
 import pytest
+import trio
 
 from gcks.cluster.commands import COMMAND_VERSION
+from gcks.cluster.config import load_config
+from gcks.cluster.node import Node
+from gcks.cluster.raft.types import ConfState
+from gcks.cluster.state import GroupState
 from gcks.cluster.versions import (
     FORGET_AFTER_S,
     UNANNOUNCED_VERSION,
@@ -18,6 +26,7 @@ from gcks.cluster.versions import (
     encode_advert,
 )
 from gcks.proto.errors import DecodeError
+from tests.cluster.clusterkit import make_kit
 
 
 def test_an_advert_round_trips() -> None:
@@ -69,3 +78,22 @@ def test_a_peer_not_heard_from_for_a_while_counts_as_the_old_version_again() -> 
     assert versions.usable({"n1", "n2"}, now=10.1 + FORGET_AFTER_S) == 1
     versions.heard("n2", 2, now=30.0)
     assert versions.usable({"n1", "n2"}, now=30.0) == 2
+
+
+async def test_a_node_proposes_in_what_its_voters_and_learners_apply_never_below_its_log(
+    tmp_path: Path,
+) -> None:
+    kit = make_kit(tmp_path)
+    node = Node(load_config(kit.config("n1")))
+    state = GroupState()
+    conf = ConfState(voters=frozenset({"n1", "n2"}), learners=frozenset({"n3"}))
+    node.driver = SimpleNamespace(status=SimpleNamespace(conf=conf), state=state)  # type: ignore[assignment]
+    now = trio.current_time()
+    node.versions.heard("n2", 2, now)
+    assert node.command_version() == 1, "the learner n3 has not said"
+    node.versions.heard("n3", 2, now)
+    assert node.command_version() == 2
+    node.versions = PeerVersions("n1")  # n2 and n3 quiet for a while: a restart, say
+    assert node.command_version() == 1
+    state.newest_version = 2  # but an entry of version 2 is applied: old nodes stop there
+    assert node.command_version() == 2
