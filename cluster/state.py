@@ -684,7 +684,10 @@ class GroupState:
                 g.banned.add(mid)
             if cmd.version >= 2:  # see `_Group.at_time`
                 g.departed.pop(mid, None)  # re-inserted last: oldest first
-                g.departed[mid] = (asked[mid], now)
+                # No leave is asked for after it applies: a later request time
+                # came from a fast clock, which must not refuse joins for as
+                # long as it runs ahead.
+                g.departed[mid] = (min(asked[mid], now), now)
         for record in joined:
             g.members[record.member_id] = record
         senders_added = tuple(
