@@ -186,7 +186,7 @@ class ApplyResult:
     # room for one more sender key in a GSA: answered GROUP_FULL.
     full: tuple[tuple[str, str], ...] = ()
     # (group, member id) of joins requested before the member's latest leave
-    # applied (`_Group.stale`), skipped: answered BUSY, should anyone still wait.
+    # was (`_Group.stale`), skipped: answered BUSY, should anyone still wait.
     stale: tuple[tuple[str, str], ...] = ()
 
 
@@ -227,8 +227,8 @@ class _Group:
         departed: dict[str, tuple[int, int]],
     ) -> None:
         self.policy = policy
-        # The time the group's last command of version 2 or later applied at
-        # (0: none yet): see `at_time`.
+        # The time the group's last rekey or creation of command version 2 or
+        # later applied at (0: none yet): see `at_time`.
         self.clock_ms = clock_ms
         # Members that left in the last `CLOCK_HOLD_MS` by the clock: when each
         # one's latest leave was requested (0: made by apply) and when it
@@ -248,8 +248,8 @@ class _Group:
 
     def at_time(self, command: Rekey) -> int:
         """The time `command` applies at: its own stamp, but from command version
-        2 on always later than the group's previous command, unless stamped more
-        than `CLOCK_HOLD_MS` before it.
+        2 on always later than the group's clock (the time its previous rekey
+        applied at), unless stamped more than `CLOCK_HOLD_MS` before it.
 
         A batch stamped before a leader change can commit after one stamped
         later. At its own time its TEK would activate before the key it
@@ -481,8 +481,10 @@ class GroupState:
             # Nor do key times. The backup's departures are of another time: the
             # current ones still hold.
             current = self._groups.get(name)
-            g.clock_ms = max(g.clock_ms, current.clock_ms) if current else g.clock_ms
-            g.departed = dict(current.departed) if current else {}
+            g.departed = {}
+            if current is not None:
+                g.clock_ms = max(g.clock_ms, current.clock_ms)
+                g.departed = dict(current.departed)
         self._groups = saved._groups
         self._retired = retired
         self._record(index, cmd.now_ms, "*", "restore", None, f"{len(saved._groups)} groups")
