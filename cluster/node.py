@@ -25,6 +25,7 @@ from gcks.cluster import tlsreload
 from gcks.cluster.admin import AdminServer
 from gcks.cluster.config import Address, NodeConfig
 from gcks.cluster.driver import DriverSettings, RaftDriver
+from gcks.cluster.logthrottle import LogThrottle
 from gcks.cluster.multicast import RekeySender
 from gcks.cluster.ops import MetricFamily, MetricType, Sample, readiness, serve_ops
 from gcks.cluster.peer import PeerTransport
@@ -88,6 +89,9 @@ class Node:
         self.stopping = False
         self.probe = ProbeResponder(config.node_id)
         self.versions = PeerVersions(config.node_id)
+        # A newer peer may send what this node cannot read, every few seconds
+        # (a version advert of a later gcks, say): a line a minute per kind.
+        self._peer_warnings = LogThrottle()
 
     def nodes(self) -> tuple[NodeEndpoint, ...]:
         """The cluster's member-facing endpoints, for GSAs (failover list)."""
@@ -222,9 +226,15 @@ class Node:
                 try:
                     self.versions.heard(from_id, decode_advert(body), trio.current_time())
                 except DecodeError as exc:
-                    log.warning("dropped a malformed version advert from %s: %s", from_id, exc)
-            else:
-                log.warning("dropped a peer frame of unknown kind from %s", from_id)
+                    if self._peer_warnings.ready(("advert", from_id)):
+                        log.warning("dropped a malformed version advert from %s: %s", from_id, exc)
+            elif self._peer_warnings.ready(("kind", channel)):
+                log.warning(
+                    "dropped a peer frame of unknown kind %s from %s (a newer gcks?); "
+                    "more are not logged for a minute",
+                    channel.hex() or "(empty)",
+                    from_id,
+                )
 
     async def _advertise(self, channel: _PeerChannel) -> None:
         advert = encode_advert()

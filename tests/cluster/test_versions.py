@@ -6,6 +6,7 @@ nodes still on the previous version stop at (`GroupState.apply`).
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,3 +98,29 @@ async def test_a_node_proposes_in_what_its_voters_and_learners_apply_never_below
     assert node.command_version() == 1
     state.newest_version = 2  # but an entry of version 2 is applied: old nodes stop there
     assert node.command_version() == 2
+
+
+async def test_a_node_records_adverts_and_drops_what_it_cannot_read_a_line_a_minute(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A newer peer may send, every few seconds, what this node cannot read.
+    node = Node(load_config(make_kit(tmp_path).config("n1")))
+    send, receive = trio.open_memory_channel[tuple[str, bytes]](16)
+    for payload in (
+        b"\x02" + encode_advert(2),
+        b"\x02junk",
+        b"\x02junk",
+        b"\x07a frame of a later kind",
+        b"\x07another",
+        b"",
+    ):
+        send.send_nowait(("n2", payload))
+    send.close()
+    with caplog.at_level(logging.WARNING, logger="gcks.cluster.node"):
+        await node._pump(SimpleNamespace(incoming=receive), None, None)  # type: ignore[arg-type]
+    assert node.versions.of("n2", trio.current_time()) == 2
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("malformed version advert from n2" in w for w in warnings) == 1
+    assert sum("unknown kind 07 from n2" in w for w in warnings) == 1
+    assert sum("unknown kind (empty) from n2" in w for w in warnings) == 1
+    assert len(warnings) == 3
