@@ -307,11 +307,7 @@ class AdminServer:
     async def _group_delete(self, args: dict[str, object]) -> object:
         await self._linearizable()  # a lagging node must not refuse by stale state
         group = self._group_arg(args)
-        return await self._propose(
-            encode_command(
-                DeleteGroup(group, self._rekeyer.now_ms(), version=self._rekeyer.command_version())
-            )
-        )
+        return await self._propose(self._rekeyer.encode(DeleteGroup(group, self._rekeyer.now_ms())))
 
     async def _propose(self, data: bytes) -> object:
         result = await self._driver.propose(data, self._timeout_s)
@@ -404,6 +400,7 @@ class AdminServer:
                 "this backup was written by a gcks of command version 2; restore it once "
                 "every node runs one (gcks_command_version shows 2)",
             )
+        # In the version checked above, not one a peer's advert changed since.
         return await self._propose(
             encode_command(RestoreState(snapshot, self._rekeyer.now_ms(), version=version))
         )

@@ -21,6 +21,7 @@ May import trio and `gcks.cluster` (driver, state, commands). Never logs keys.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from gcks.cluster.commands import (
     MAX_REASON,
     MAX_REKEY_BATCH,
     MAX_REQUEST_TAG,
+    Command,
     CreateGroup,
     Join,
     Leave,
@@ -284,7 +286,6 @@ class Rekeyer:
                 tek_key=os.urandom(32) if tek else None,
                 refresh_kek=kek,
                 now_ms=self.now_ms(),
-                version=self.command_version(),
                 reason="forced by administrator",
             )
         )
@@ -298,7 +299,6 @@ class Rekeyer:
                 self.now_ms(),
                 tree_seed=os.urandom(32),
                 tek_key=os.urandom(32),
-                version=self.command_version(),
             )
         )
 
@@ -310,7 +310,6 @@ class Rekeyer:
                 tree_seed=os.urandom(32),
                 tek_key=os.urandom(32),
                 now_ms=self.now_ms(),
-                version=self.command_version(),
             )
         )
 
@@ -393,7 +392,6 @@ class Rekeyer:
                     tek_key=os.urandom(32) if new_tek else None,
                     refresh_kek=False,
                     now_ms=self.now_ms(),
-                    version=self.command_version(),
                     reason=reason,
                 )
             )
@@ -405,10 +403,13 @@ class Rekeyer:
                     del self._queued[tag]
             batch.done.set()
 
+    def encode(self, command: Command) -> bytes:
+        """The log entry of `command`, in the newest version every node applies
+        (`command_version`): commands are made here and by the admin API."""
+        return encode_command(dataclasses.replace(command, version=self.command_version()))
+
     async def _propose(self, command: CreateGroup | Rekey | UpdatePolicy) -> ApplyResult:
-        result = await self._driver.propose(
-            encode_command(command), self._settings.request_timeout_s
-        )
+        result = await self._driver.propose(self.encode(command), self._settings.request_timeout_s)
         self.rekeys_proposed += 1
         return result
 
@@ -454,7 +455,6 @@ class Rekeyer:
                         tek_key=os.urandom(32) if new_tek else None,
                         refresh_kek=refresh_kek,
                         now_ms=now,
-                        version=self.command_version(),
                         reason="key lifetime",
                     )
                 )

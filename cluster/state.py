@@ -888,8 +888,7 @@ class GroupState:
     def snapshot_format(data: bytes) -> int:
         """The format of snapshot bytes, read without restoring them (`StateError`)."""
         try:
-            fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 7, min_items=5)
-            return read_int(fields[0], "snapshot.format", 0, 255)
+            return _snapshot_fields(data)[1]
         except DecodeError as exc:
             raise StateError(f"not a group state snapshot: {exc}") from None
 
@@ -903,8 +902,7 @@ class GroupState:
 
     @classmethod
     def _restore(cls, data: bytes) -> GroupState:
-        fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 7, min_items=5)
-        fmt = read_int(fields[0], "snapshot.format", 0, 255)
+        fields, fmt = _snapshot_fields(data)
         if fmt > SNAPSHOT_FORMAT:
             raise NewerSnapshot(
                 f"snapshot format {fmt}; this node reads up to format {SNAPSHOT_FORMAT}"
@@ -981,6 +979,12 @@ class GroupState:
             (max(g.kek.activation_ms, g.clock_ms) for g in state._groups.values()), default=0
         )
         return state
+
+
+def _snapshot_fields(data: bytes) -> tuple[tuple[object, ...], int]:
+    """A snapshot's top-level fields, and its format (the first)."""
+    fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 7, min_items=5)
+    return fields, read_int(fields[0], "snapshot.format", 0, 255)
 
 
 def _read_departed(value: object, name: str) -> dict[str, tuple[int, int]]:

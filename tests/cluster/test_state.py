@@ -885,10 +885,8 @@ def test_restoring_a_backup_moves_no_clock_back_and_keeps_the_current_departures
 
 
 def _join_requested(cluster: Cluster, member_id: str, requested_ms: int) -> ApplyResult:
-    cluster.now += 1000
     join = Join(member_id, Role.RECEIVER, requested_ms=requested_ms)
-    rekey = Rekey("demo", (join,), (), os.urandom(32), None, False, cluster.now, "t")
-    return _apply_everywhere(cluster, rekey)
+    return _apply_everywhere(cluster, _tagged_rekey(cluster, (join,)))
 
 
 def test_a_join_requested_before_its_members_latest_leave_is_skipped() -> None:
