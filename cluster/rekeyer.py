@@ -28,7 +28,6 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 
@@ -46,7 +45,7 @@ from gcks.cluster.commands import (
     UpdatePolicy,
     encode_command,
 )
-from gcks.cluster.driver import RaftDriver, first_of
+from gcks.cluster.driver import RaftDriver
 from gcks.cluster.logthrottle import LogThrottle
 from gcks.cluster.membership import MembershipRequest, decode_request, encode_request
 from gcks.cluster.raft.types import Role as RaftRole
@@ -101,8 +100,10 @@ class _Batch:
 class _Forwarded:
     """A request this node forwarded to the leader, waiting for its entry to apply here."""
 
-    done: trio.Event = field(default_factory=trio.Event)
     result: ApplyResult | None = None
+    # Set by the entry that answers the request and by every change of leader;
+    # the waiter then looks again, with a fresh event.
+    wake: trio.Event = field(default_factory=trio.Event)
 
 
 class Rekeyer:
@@ -207,7 +208,8 @@ class Rekeyer:
         waiter = self._forwarded[request.tag] = _Forwarded()
         assert self._forward is not None
         try:
-            while not waiter.done.is_set():
+            while waiter.result is None:
+                waiter.wake = trio.Event()
                 status = self._driver.status
                 if status.role is RaftRole.LEADER:
                     # Leadership came here meanwhile: our own batch, still
@@ -220,14 +222,13 @@ class Rekeyer:
                     # inside a snapshot). Apply skips a tag it has seen, so a
                     # second copy that commits changes nothing.
                     self._forward(status.leader, encode_request(request, self.command_version()))
-                await first_of(
-                    waiter.done.wait,
-                    self._driver.wait_status_change,
-                    partial(trio.sleep, self._settings.resend_s),
-                )
+                # One event and one deadline, not three racing tasks (`first_of`):
+                # most registrations wait here, and a nursery per wait cost about
+                # five times as much CPU.
+                with trio.move_on_after(self._settings.resend_s):
+                    await waiter.wake.wait()
         finally:
             del self._forwarded[request.tag]
-        assert waiter.result is not None
         return waiter.result
 
     def deliver(self, from_id: str, payload: bytes) -> None:
@@ -246,9 +247,9 @@ class Rekeyer:
         """Called for every applied entry: answers the forwarded requests it carried."""
         for tag in result.requests:
             waiter = self._forwarded.get(tag)
-            if waiter is not None and not waiter.done.is_set():
+            if waiter is not None and waiter.result is None:
                 waiter.result = result
-                waiter.done.set()
+                waiter.wake.set()
 
     def now_ms(self) -> int:
         """This node's clock for a new command, not before the newest command time
@@ -349,6 +350,8 @@ class Rekeyer:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._flusher, nursery)
             nursery.start_soon(self._lifetimes)
+            if self._forward is not None:
+                nursery.start_soon(self._wake_forwarders)
             task_status.started()
 
     async def _flusher(self, nursery: trio.Nursery) -> None:
@@ -412,6 +415,14 @@ class Rekeyer:
         result = await self._driver.propose(self.encode(command), self._settings.request_timeout_s)
         self.rekeys_proposed += 1
         return result
+
+    async def _wake_forwarders(self) -> None:
+        """On every change of leader (or of term, or to none), each forwarded
+        request is sent again at once: to the new leader, or batched here."""
+        while True:
+            await self._driver.wait_status_change()
+            for waiter in self._forwarded.values():
+                waiter.wake.set()
 
     async def _lifetimes(self) -> None:
         while True:

@@ -353,6 +353,37 @@ async def test_a_forwarded_join_goes_to_each_new_leader_until_its_entry_applies(
     assert cluster.proposed[0].joins[0].requested_ms == T0 + 1000
 
 
+async def test_a_forwarded_join_goes_to_a_new_leader_as_soon_as_it_is_known(
+    mock_clock: trio.testing.MockClock,
+) -> None:
+    # The clock stands still: only the change of leader can send the copy.
+    cluster = _Cluster("n1", "n2", "n3")
+    cluster.lead("n1")
+    follower = cluster.nodes["n2"]
+    follower.links_up = False
+    outcome: list[ApplyResult] = []
+
+    async def join() -> None:
+        outcome.append(await follower.rekeyer.join("demo", "m1", Role.RECEIVER, None))
+
+    async with trio.open_nursery() as nursery:
+        for node in cluster.nodes.values():
+            await nursery.start(node.rekeyer.run)
+        nursery.start_soon(join)
+        await trio.testing.wait_all_tasks_blocked()
+        assert follower.sent == ["n1"]
+        follower.links_up = True
+        cluster.lead("n3")
+        await trio.testing.wait_all_tasks_blocked()
+        assert follower.sent == ["n1", "n3"], "sent on the change, not after resend_s"
+        assert trio.current_time() == 0
+        mock_clock.jump(1.0)  # n3's batch interval
+        await trio.testing.wait_all_tasks_blocked()
+        assert outcome
+        assert ("demo", "m1") in outcome[0].joined
+        nursery.cancel_scope.cancel()
+
+
 async def test_commands_and_forwarded_requests_are_made_in_the_clusters_version(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
