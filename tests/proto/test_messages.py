@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 from typing import Any
 
@@ -397,6 +398,19 @@ def test_encode_refuses_invalid_local_values() -> None:
         ProbeRequest(b"short").encode()
     with pytest.raises(ValueError, match=r"RekeyBody\.teks\[0\]\.key"):
         RekeyBody(teks=(KeySA(1, CipherSuite.AES_256_GCM, b"k", 0, 1),)).encode()
+
+
+def test_encoding_a_gsa_checks_all_but_its_typed_policy() -> None:
+    gsa = _sample_gsa()
+    other = GroupPolicy("g2", gsa.policy.multicast)
+    with pytest.raises(ValueError, match=r"GsaAnswer\.policy: group_id differs"):
+        dataclasses.replace(gsa, policy=other).encode()
+    with pytest.raises(ValueError, match=r"GsaAnswer\.path_keys\[0\]\.key"):
+        dataclasses.replace(gsa, path_keys=(PathKey(1, 0, b"short"),)).encode()
+    with pytest.raises(ValueError, match=r"GsaAnswer\.nodes\[0\]\.member_addr"):
+        dataclasses.replace(gsa, nodes=(NodeEndpoint("n1", "no port", "[::1]:7001"),)).encode()
+    # The policy's own constructor is its check; the bytes still carry all of it.
+    assert decode_message(gsa.encode()) == gsa
 
 
 @pytest.mark.parametrize("text", ["line\x1b[31m", "two\nlines", "c1\x9b31m", "nul\x00"])
