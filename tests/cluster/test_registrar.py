@@ -57,10 +57,13 @@ def _registrar(settings: RegistrarSettings, root: Path | None = None) -> Registr
     return Registrar(None, None, (), context, settings)  # type: ignore[arg-type]
 
 
-def _writer(stream: object, nursery: trio.Nursery, queue_size: int = 4) -> _FrameWriter:
+def _writer(
+    stream: object, spawn: trio.Nursery, connection: trio.CancelScope, queue_size: int = 4
+) -> _FrameWriter:
     return _FrameWriter(
         stream,  # type: ignore[arg-type]
-        nursery,
+        spawn,
+        connection,
         "m1",
         queue_size=queue_size,
         timeout_s=7.0,
@@ -73,13 +76,32 @@ async def test_member_that_stops_reading_is_cut_off_after_the_write_deadline(
     _client, server = trio.testing.lockstep_stream_pair()  # nobody reads `_client`
     start = trio.current_time()
     with trio.fail_after(60):
-        async with trio.open_nursery() as connection:
-            writer = _writer(server, connection)
-            assert writer.push(b"a rekey push")
-            await trio.sleep_forever()  # the reader, waiting for a request
-    assert connection.cancel_scope.cancel_called, "the connection ends with the stalled write"
+        async with trio.open_nursery() as spawn:
+            with trio.CancelScope() as connection:
+                writer = _writer(server, spawn, connection)
+                assert writer.push(b"a rekey push")
+                await trio.sleep_forever()  # the reader, waiting for a request
+    assert connection.cancel_called, "the connection ends with the stalled write"
     assert trio.current_time() - start == pytest.approx(7.0)
     assert not writer.push(b"another push"), "a cut-off member gets nothing more"
+
+
+async def test_closing_ends_a_push_write_in_progress_at_once(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The connection is ending: its stream is about to close under the write.
+    _client, server = trio.testing.lockstep_stream_pair()  # nobody reads `_client`
+    start = trio.current_time()
+    with trio.fail_after(60):
+        async with trio.open_nursery() as spawn:
+            connection = trio.CancelScope()
+            writer = _writer(server, spawn, connection)
+            assert writer.push(b"a rekey push")
+            await trio.testing.wait_all_tasks_blocked()
+            assert spawn.child_tasks, "the push is being written"
+            writer.close()
+    assert trio.current_time() == start, "ended at once, not at the write deadline"
+    assert not connection.cancel_called, "closing is not a failure of the member"
 
 
 async def test_a_reader_cut_off_in_its_own_answer_goes_no_further(
@@ -89,11 +111,12 @@ async def test_a_reader_cut_off_in_its_own_answer_goes_no_further(
     _client, server = trio.testing.lockstep_stream_pair()  # nobody reads `_client`
     went_on = False
     with trio.fail_after(60):
-        async with trio.open_nursery() as connection:
-            writer = _writer(server, connection)
-            await writer.send(b"an answer nobody reads")
-            went_on = True
-    assert connection.cancel_scope.cancelled_caught
+        async with trio.open_nursery() as spawn:
+            with trio.CancelScope() as connection:
+                writer = _writer(server, spawn, connection)
+                await writer.send(b"an answer nobody reads")
+                went_on = True
+    assert connection.cancelled_caught
     assert not went_on
 
 
@@ -113,32 +136,33 @@ async def test_pushes_queued_together_go_out_in_order_in_one_write_and_idle_with
 ) -> None:
     stream = _RecordingStream()
     with trio.fail_after(600):
-        async with trio.open_nursery() as connection:
-            writer = _writer(stream, connection, queue_size=8)
+        async with trio.open_nursery() as spawn:
+            connection = trio.CancelScope()
+            writer = _writer(stream, spawn, connection, queue_size=8)
             for frame in (b"push-1", b"push-2", b"push-3"):
                 assert writer.push(frame)
             await trio.sleep(70.0)  # ten write deadlines of idling: no cut-off
             assert stream.writes == [b"push-1push-2push-3"]
-            assert not connection.cancel_scope.cancel_called
+            assert not connection.cancel_called
             assert writer.push(b"push-4")
             await trio.sleep(1.0)
             assert stream.writes[1:] == [b"push-4"]
-            connection.cancel_scope.cancel()
+            assert not spawn.child_tasks, "no task holds an idle connection"
 
 
 async def test_an_answer_is_written_by_the_reader_itself_when_no_push_is_in_flight() -> None:
     stream = _RecordingStream()
-    async with trio.open_nursery() as connection:
-        writer = _writer(stream, connection)
+    async with trio.open_nursery() as spawn:
+        writer = _writer(stream, spawn, trio.CancelScope())
         await writer.send(b"answer")
         assert stream.writes == [b"answer"], "written before `send` returns"
-        assert not connection.child_tasks, "no task started for it"
+        assert not spawn.child_tasks, "no task started for it"
 
 
 async def test_an_answer_waits_for_the_push_in_flight_and_goes_out_after_it() -> None:
     client, server = trio.testing.memory_stream_pair()
-    async with trio.open_nursery() as connection:
-        writer = _writer(server, connection, queue_size=1)
+    async with trio.open_nursery() as spawn:
+        writer = _writer(server, spawn, trio.CancelScope(), queue_size=1)
         assert writer.push(b"push")
         assert not writer.push(b"dropped"), "beyond the queue bound, a push is dropped"
         await writer.send(b"answer")
@@ -146,11 +170,11 @@ async def test_an_answer_waits_for_the_push_in_flight_and_goes_out_after_it() ->
 
 
 async def test_pushes_after_the_connection_ended_are_refused() -> None:
-    async with trio.open_nursery() as connection:
-        writer = _writer(_RecordingStream(), connection)
+    async with trio.open_nursery() as spawn:
+        writer = _writer(_RecordingStream(), spawn, trio.CancelScope())
         writer.close()
         assert not writer.push(b"push")
-        assert not connection.child_tasks
+        assert not spawn.child_tasks
 
 
 async def test_member_connections_beyond_the_limit_are_refused_before_the_handshake(
@@ -331,8 +355,8 @@ async def test_an_answer_past_a_wire_limit_is_a_typed_error_not_a_crash() -> Non
     await member.send_all(encode_frame(request.encode()))
     await member.send_eof()
     with trio.fail_after(10):
-        async with trio.open_nursery() as connection:
-            link = _MemberLink("m1", _writer(node, connection))
+        async with trio.open_nursery() as spawn:
+            link = _MemberLink("m1", _writer(node, spawn, trio.CancelScope()))
             await registrar._reader(node, link)  # type: ignore[arg-type]
         frame = await member.receive_some()
     answer = decode_message(frame[4:])
