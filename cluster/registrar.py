@@ -68,9 +68,9 @@ MAX_REQUEST_FRAME = 64 * 1024  # members send small requests; answers can be lar
 # answers, Raft), so a storm's registrations still complete in time. With 16
 # turns, 5,000 members at once got 51 and 844 first attempts through (two
 # runs of the storm benchmark); with 4, 1,914 and 1,218; with 1, 1,330 and
-# 1,442. Each hand-over costs a pass of the event loop: 0.1-0.2 ms of node
-# CPU per registration at 200 in flight, within the noise of the
-# registration ratio.
+# 1,442. Each hand-over costs a pass of the event loop, too little to tell
+# from the noise: at 200 in flight, node CPU per registration was 1.62-1.86 ms
+# with 4 turns and 1.61-1.85 ms with 1,000 (no waiting; 4 and 3 runs).
 HANDSHAKE_TURNS = 4
 REFUSAL_WARNING_INTERVAL_S = 10.0
 
