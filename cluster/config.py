@@ -26,6 +26,7 @@ import logging
 import os
 import re
 import secrets
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -153,9 +154,12 @@ class MemberLinkConfig:
 @dataclass(frozen=True, slots=True)
 class MulticastConfig:
     """Outgoing multicast: the IPv4 address of the interface to send on (0.0.0.0:
-    the routing table decides) and the TTL (1: never leaves the local network)."""
+    the routing table decides), the name of the interface IPv6 groups are sent
+    on (IPv6 picks interfaces by index; empty: IPv6 groups get their rekeys by
+    push only) and the TTL or hop limit (1: never leaves the local network)."""
 
     interface: str = "0.0.0.0"  # noqa: S104 - an interface selector, not a bind address
+    interface6: str = ""
     ttl: int = 1
 
 
@@ -230,6 +234,7 @@ KEYS: Final = (
     "member_link.max_connections",
     "member_link.handshake_timeout_ms",
     "multicast.interface",
+    "multicast.interface6",
     "multicast.ttl",
 )
 _SECTIONS: Final = frozenset(key.partition(".")[0] for key in KEYS if "." in key)
@@ -360,6 +365,9 @@ class _Validator:
         member_link = MemberLinkConfig(**self._ints("member_link", MemberLinkConfig()))
         multicast = MulticastConfig(
             interface=self._get("multicast.interface", MulticastConfig().interface, self._ipv4),
+            interface6=self._get(
+                "multicast.interface6", MulticastConfig().interface6, self._interface_name
+            ),
             ttl=self._int("multicast.ttl", MulticastConfig().ttl),
         )
         tls_config = TlsConfig(
@@ -469,6 +477,15 @@ class _Validator:
             return str(ipaddress.IPv4Address(text))
         except ValueError:
             raise ValueError(f"expected an IPv4 interface address, got {text[:80]!r}") from None
+
+    @staticmethod
+    def _interface_name(value: object, _from_env: bool) -> str:
+        text = _text(value)
+        try:
+            socket.if_nametoindex(text)
+        except (OSError, ValueError):
+            raise ValueError(f"no network interface named {text[:80]!r} here") from None
+        return text
 
     @staticmethod
     def _log_level(value: object, _from_env: bool) -> str:

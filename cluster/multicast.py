@@ -4,9 +4,11 @@ Every node applies the same command and gets the same sealed bytes; this
 module sends them, unchanged, to the group's multicast endpoint now and again
 `retransmit_count` times every `retransmit_interval_ms` (identical copies, as
 RFC 9838 asks). Members drop the copies they already have by message id.
-The interface and TTL come from the node configuration (loopback and TTL 0
-in tests). A datagram too large for UDP is not multicast: members then get
-it by unicast push, or notice the gap and re-register.
+The interfaces and TTL come from the node configuration (loopback and TTL 0
+in tests); IPv6 groups are sent on the interface named by `interface6`, and
+without one get their rekeys by push only. A datagram too large for UDP is
+not multicast: members then get it by unicast push, or notice the gap and
+re-register.
 
 May import trio and `gcks.cluster.state`. Sends only what apply produced.
 """
@@ -37,9 +39,12 @@ class MulticastStats:
 
 
 class RekeySender:
-    """Owns one UDP socket for IPv4 multicast and the retransmission schedule."""
+    """Owns the UDP sockets for multicast (IPv4, and IPv6 when `interface6`, an
+    interface name, is given) and the retransmission schedule."""
 
-    def __init__(self, interface: str, ttl: int, *, queue_size: int = 1024) -> None:
+    def __init__(
+        self, interface: str, ttl: int, *, interface6: str = "", queue_size: int = 1024
+    ) -> None:
         self._sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
         self._sock.setsockopt(
@@ -47,6 +52,14 @@ class RekeySender:
         )
         # Members on the same host (the local demo, tests) must hear it too.
         self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        self._sock6: trio.socket.SocketType | None = None
+        if interface6:
+            self._sock6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            self._sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
+            self._sock6.setsockopt(
+                socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex(interface6)
+            )
+            self._sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
         self._send, self._queue = trio.open_memory_channel[Outbound](queue_size)
         self.stats = MulticastStats()
         self._warnings = LogThrottle()  # each kind repeats on every rekey
@@ -62,13 +75,17 @@ class RekeySender:
             )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        with self._sock:
+        try:
             async with trio.open_nursery() as nursery:
                 task_status.started()
                 async for outbound in self._queue:
                     await self._send_once(outbound)
                     if outbound.retransmit_count:
                         nursery.start_soon(self._retransmit, outbound)
+        finally:
+            self._sock.close()
+            if self._sock6 is not None:
+                self._sock6.close()
 
     async def _retransmit(self, outbound: Outbound) -> None:
         for _ in range(outbound.retransmit_count):
@@ -77,12 +94,12 @@ class RekeySender:
             await self._send_once(outbound)
 
     async def _send_once(self, outbound: Outbound) -> None:
-        if outbound.multicast.address.version != 4:
-            # IPv6 multicast needs IPV6_MULTICAST_IF by interface index: not yet supported.
+        sock = self._sock if outbound.multicast.address.version == 4 else self._sock6
+        if sock is None:
             self.stats.errors += 1
             if self._warnings.ready("ipv6"):
                 log.warning(
-                    "group %s: IPv6 multicast is not supported; rekeys go by push only",
+                    "group %s: no [multicast] interface6 for IPv6 groups; rekeys go by push only",
                     outbound.group,
                 )
             return
@@ -99,7 +116,7 @@ class RekeySender:
                 )
             return
         try:
-            await self._sock.sendto(
+            await sock.sendto(
                 outbound.datagram, (str(outbound.multicast.address), outbound.multicast.port)
             )
             self.stats.sent += 1

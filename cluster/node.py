@@ -187,7 +187,9 @@ class Node:
             command_version=self.command_version,
         )
         self.rekeyer = rekeyer
-        self.sender = RekeySender(cfg.multicast.interface, cfg.multicast.ttl)
+        self.sender = RekeySender(
+            cfg.multicast.interface, cfg.multicast.ttl, interface6=cfg.multicast.interface6
+        )
         self.registrar = Registrar(
             driver,
             rekeyer,

@@ -155,7 +155,12 @@ def _send_body(args: argparse.Namespace, config: MemberConfig) -> Body:
         upcoming = [t.activation_ms for t in member.gsa.teks if t.expiry_ms > now]
         if member.gsa.sending_tek(now) is None and upcoming:
             await trio.sleep(max(0, min(upcoming) - now) / 1000)
-        sock = open_send_socket(config.rekey.multicast_interface, args.ttl)
+        ipv6 = ":" in destination[0]
+        sock = open_send_socket(
+            config.rekey.multicast_interface,
+            args.ttl,
+            ipv6_interface=config.rekey.multicast_interface6 if ipv6 else None,
+        )
         with Sender(sock, member.protect, destination) as sender:
             for number in range(1, args.count + 1):
                 text = args.message if args.message is not None else f"message {number}"
@@ -181,7 +186,9 @@ def _recv_body(args: argparse.Namespace, config: MemberConfig) -> Body:
             sock = await open_unicast_socket(*config.data_listen)
         else:
             group, port = data_endpoint(member.gsa.policy)
-            sock = await open_multicast_socket(group, port, config.rekey.multicast_interface)
+            sock = await open_multicast_socket(
+                group, port, config.rekey.multicast_interface, config.rekey.multicast_interface6
+            )
         with Receiver(sock, member.unprotect) as receiver:
             host, port = receiver.address
             out.write({"event": "listening", "group": config.group, "address": f"{host}:{port}"})

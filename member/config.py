@@ -27,6 +27,7 @@ import ipaddress
 import math
 import os
 import re
+import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,10 +106,13 @@ class ProbeSettings:
 class RekeySettings:
     """Rekey reception: the IPv4 interface address on which to join the group's
     multicast address (`0.0.0.0`: the kernel's choice; `127.0.0.1`: loopback
-    demo), the registration deadline, and how long before a TEK expires without
-    a successor the member re-registers rather than wait."""
+    demo), the name of the interface to join an IPv6 group on (empty: an IPv6
+    group's rekeys come by push only), the registration deadline, and how long
+    before a TEK expires without a successor the member re-registers rather
+    than wait."""
 
     multicast_interface: str = "127.0.0.1"
+    multicast_interface6: str = ""
     register_timeout_ms: int = 5000
     resync_margin_ms: int = 10_000
 
@@ -147,6 +151,7 @@ KEYS: Final = (
     "probe.switch_margin",
     "probe.switch_min_ms",
     "rekey.multicast_interface",
+    "rekey.multicast_interface6",
     "rekey.register_timeout_ms",
     "rekey.resync_margin_ms",
 )
@@ -262,6 +267,11 @@ class _Validator:
         rekey = RekeySettings(
             multicast_interface=self._get(
                 "rekey.multicast_interface", _REKEY_DEFAULTS.multicast_interface, _convert_ipv4
+            ),
+            multicast_interface6=self._get(
+                "rekey.multicast_interface6",
+                _REKEY_DEFAULTS.multicast_interface6,
+                _convert_interface_name,
             ),
             register_timeout_ms=self._int(
                 "rekey.register_timeout_ms", _REKEY_DEFAULTS.register_timeout_ms
@@ -457,6 +467,15 @@ def _convert_dns(value: object, _from_env: bool) -> str:
     except DecodeError:
         raise ValueError(f"invalid DNS name {text[:80]!r}") from None
     return host
+
+
+def _convert_interface_name(value: object, _from_env: bool) -> str:
+    text = _text(value)
+    try:
+        socket.if_nametoindex(text)
+    except (OSError, ValueError):
+        raise ValueError(f"no network interface named {text[:80]!r} here") from None
+    return text
 
 
 def _convert_ipv4(value: object, _from_env: bool) -> str:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import socket
+import struct
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -54,8 +55,9 @@ DATA_PORT_OFFSET: Final = 1
 """Protected data uses the group's multicast address on the rekey port + 1."""
 
 MAX_DATAGRAM: Final = 65_535
-# Linux <linux/in.h>; Python 3.11 does not export it.
+# Linux <linux/in.h> and <linux/in6.h>; Python 3.11 exports neither.
 _IP_MULTICAST_ALL: Final = 49
+_IPV6_MULTICAST_ALL: Final = 29
 
 
 class DatagramError(Exception):
@@ -79,26 +81,47 @@ def _ipv4(text: str, what: str) -> ipaddress.IPv4Address:
         raise DatagramError(f"{what} {text!r} is not an IPv4 address") from None
 
 
-async def open_multicast_socket(group: str, port: int, interface: str) -> trio.socket.SocketType:
-    """A UDP socket bound to `group:port` and joined to `group` on `interface`
-    (an IPv4 interface address). The caller closes it."""
-    address = _ipv4(group, "multicast address")
+def _interface_index(name: str) -> int:
+    if not name:
+        raise DatagramError("an IPv6 group needs an interface name (rekey.multicast_interface6)")
+    try:
+        return socket.if_nametoindex(name)
+    except (OSError, ValueError):
+        raise DatagramError(f"no network interface named {name!r}") from None
+
+
+async def open_multicast_socket(
+    group: str, port: int, interface: str, interface6: str = ""
+) -> trio.socket.SocketType:
+    """A UDP socket bound to `group:port` and joined to `group`: an IPv4 group
+    on `interface` (an IPv4 interface address), an IPv6 group on the interface
+    named `interface6`. The caller closes it."""
+    try:
+        address = ipaddress.ip_address(group)
+    except ValueError:
+        raise DatagramError(f"multicast address {group!r} is not an IP address") from None
     if not address.is_multicast:
         raise DatagramError(f"{group} is not a multicast address")
-    local = _ipv4(interface, "multicast interface")
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if address.version == 4:
+        family, level, join = socket.AF_INET, socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP
+        membership = address.packed + _ipv4(interface, "multicast interface").packed
+        multicast_all, via = _IP_MULTICAST_ALL, interface
+    else:
+        family, level, join = socket.AF_INET6, socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP
+        membership = address.packed + struct.pack("@I", _interface_index(interface6))
+        multicast_all, via = _IPV6_MULTICAST_ALL, interface6
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if sys.platform == "linux":
-            sock.setsockopt(socket.IPPROTO_IP, _IP_MULTICAST_ALL, 0)
+            sock.setsockopt(level, multicast_all, 0)
         # Bound to the group address, the socket receives that group's
         # datagrams only, not unicast sent to the same port.
         await sock.bind((str(address), port))
-        membership = address.packed + local.packed
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, membership)
+        sock.setsockopt(level, join, membership)
     except OSError as exc:
         sock.close()
-        raise DatagramError(f"cannot join {group}:{port} on {interface}: {exc}") from None
+        raise DatagramError(f"cannot join {group}:{port} on {via}: {exc}") from None
     return sock
 
 
@@ -114,20 +137,39 @@ async def open_unicast_socket(host: str, port: int) -> trio.socket.SocketType:
     return sock
 
 
-def open_send_socket(interface: str, ttl: int) -> trio.socket.SocketType:
+def open_send_socket(
+    interface: str, ttl: int, *, ipv6_interface: str | None = None
+) -> trio.socket.SocketType:
     """A UDP socket whose multicast leaves by `interface` with `ttl` (0 stays on
-    this host) and loops back to local members. Unicast destinations work too."""
-    local = _ipv4(interface, "multicast interface")
+    this host) and loops back to local members. Unicast destinations work too.
+    With `ipv6_interface` (an interface name; empty: the kernel's choice) it is
+    an IPv6 socket, for IPv6 destinations, and `interface` is not used."""
     if not 0 <= ttl <= 255:
         raise DatagramError(f"multicast TTL {ttl} out of range 0..255")
-    sock = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if ipv6_interface is not None:
+        index = _interface_index(ipv6_interface) if ipv6_interface else 0
+        family, level = socket.AF_INET6, socket.IPPROTO_IPV6
+        options: list[tuple[int, int | bytes]] = [
+            (socket.IPV6_MULTICAST_HOPS, ttl),
+            (socket.IPV6_MULTICAST_IF, index),
+            (socket.IPV6_MULTICAST_LOOP, 1),
+        ]
+        via = ipv6_interface or "the default IPv6 interface"
+    else:
+        local = _ipv4(interface, "multicast interface")
+        family, level, via = socket.AF_INET, socket.IPPROTO_IP, interface
+        options = [
+            (socket.IP_MULTICAST_TTL, ttl),
+            (socket.IP_MULTICAST_IF, local.packed),
+            (socket.IP_MULTICAST_LOOP, 1),
+        ]
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
     try:
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, ttl)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, local.packed)
-        sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
+        for option, value in options:
+            sock.setsockopt(level, option, value)
     except OSError as exc:
         sock.close()
-        raise DatagramError(f"cannot send multicast by {interface}: {exc}") from None
+        raise DatagramError(f"cannot send multicast by {via}: {exc}") from None
     return sock
 
 

@@ -377,7 +377,10 @@ class Member:
         with scope:
             try:
                 sock = await open_multicast_socket(
-                    str(endpoint.address), endpoint.port, self.config.rekey.multicast_interface
+                    str(endpoint.address),
+                    endpoint.port,
+                    self.config.rekey.multicast_interface,
+                    self.config.rekey.multicast_interface6,
                 )
             except DatagramError as exc:
                 log.warning("no multicast rekeys (unicast pushes only): %s", exc)

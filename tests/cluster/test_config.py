@@ -129,6 +129,7 @@ def test_a_complete_file_loads_with_lan_defaults(pki_dir: Path, tmp_path: Path) 
         max_connections=100_000, handshake_timeout_ms=5000
     )
     assert config.multicast.ttl == 1
+    assert config.multicast.interface6 == "", "IPv6 groups: push only unless an interface is named"
     assert config.storage_key == bytes.fromhex(KEY_HEX)
     assert set(config.peers) == {"n1", "n2"}
     assert set(config.other_peers) == {"n2"}
@@ -189,6 +190,8 @@ _DELETE = object()
         ("peer_link", {"max_frame_bytes": 10}, "peer_link.max_frame_bytes"),
         ("multicast", {"ttl": 256}, "multicast.ttl"),
         ("multicast", {"interface": "eth0"}, "multicast.interface"),
+        ("multicast", {"interface6": "nonesuch0"}, "multicast.interface6"),
+        ("multicast", {"interface6": ""}, "multicast.interface6"),
         ("peers.n2.peer", "nowhere", "peers.n2.peer"),
         ("peers.n2.member", _DELETE, "peers.n2.member"),
         ("peers.n2.probe", "127.0.0.1:7421", "peers.n2.probe"),  # n1's probe address
@@ -369,6 +372,14 @@ def test_addresses_parse_host_and_port(text: str, expected: Address) -> None:
 def test_the_node_role_is_what_the_certificate_must_carry() -> None:
     # Guard the invariant config relies on: node certificates carry Role.NODE.
     assert pki.ISSUER_OF[Role.NODE] is pki.CaKind.CLUSTER
+
+
+def test_ipv6_groups_are_multicast_on_an_interface_named_in_the_config(
+    pki_dir: Path, tmp_path: Path
+) -> None:
+    document = _document(pki_dir)
+    document["multicast"] = {"interface6": "lo"}  # an interface every host has
+    assert _load(tmp_path, document).multicast.interface6 == "lo"
 
 
 def test_every_setting_field_is_a_configurable_key() -> None:

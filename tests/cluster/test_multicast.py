@@ -1,12 +1,15 @@
-"""The rekey sender: what it cannot multicast is counted and reported, not lost silently.
+"""The rekey sender: what it cannot multicast is counted and reported, not lost
+silently, and IPv6 groups reach members on the interface the config names.
 
-Sockets stay on loopback (interface 127.0.0.1, TTL 0); nothing here needs a
-listener, since only the datagrams the sender refuses are looked at.
+Sockets stay on loopback (interface 127.0.0.1, TTL 0); the IPv6 test runs in
+a private network namespace on a veth pair of its own (`tests.netns`), with
+hop limit 0.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 
 import pytest
@@ -15,7 +18,9 @@ import trio.testing
 
 from gcks.cluster.multicast import MAX_UDP_PAYLOAD, RekeySender
 from gcks.cluster.state import Outbound
+from gcks.member.datagram import open_multicast_socket, open_send_socket
 from gcks.proto.policy import MulticastEndpoint
+from tests import netns
 
 
 def _outbound(size: int, address: str = "239.255.0.1", msg_id: int = 1) -> Outbound:
@@ -58,7 +63,7 @@ async def test_a_rekey_at_the_udp_limit_is_multicast() -> None:
     assert (sender.stats.sent, sender.stats.too_large, sender.stats.errors) == (1, 0, 0)
 
 
-async def test_an_ipv6_group_is_counted_and_reported_as_not_multicast(
+async def test_an_ipv6_group_without_an_ipv6_interface_is_counted_and_reported(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     sender = RekeySender("127.0.0.1", 0)
@@ -66,4 +71,42 @@ async def test_an_ipv6_group_is_counted_and_reported_as_not_multicast(
         await _send_all(sender, _outbound(100, "ff05::1"), _outbound(100, "ff05::1", msg_id=2))
     assert (sender.stats.errors, sender.stats.sent) == (2, 0)
     assert len(caplog.records) == 1
-    assert "IPv6 multicast is not supported" in caplog.records[0].getMessage()
+    assert "no [multicast] interface6" in caplog.records[0].getMessage()
+
+
+def _ipv6_group_in_a_namespace() -> None:
+    """Run inside a private namespace: a node's sender multicasts a rekey to an
+    IPv6 group, members hear it and the group's data on the named interface."""
+    netns.veth_pair("gv0")
+    group = "ff15::7"
+
+    async def main() -> dict[str, object]:
+        rekeys = await open_multicast_socket(group, 5000, "127.0.0.1", "gv0")
+        data = await open_multicast_socket(group, 5001, "127.0.0.1", "gv0")
+        sender = RekeySender("127.0.0.1", 0, interface6="gv0")
+        with rekeys, data, open_send_socket("127.0.0.1", 0, ipv6_interface="gv0") as out:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(sender.run)
+                sender.submit(_outbound(1200, group, msg_id=3))
+                with trio.fail_after(10):
+                    rekey, _ = await rekeys.recvfrom(65535)
+                await out.sendto(b"protected data", (group, 5001))
+                with trio.fail_after(10):
+                    packet, _ = await data.recvfrom(65535)
+                nursery.cancel_scope.cancel()
+        return {"rekey_bytes": len(rekey), "sent": sender.stats.sent, "data": packet.decode()}
+
+    print(json.dumps(trio.run(main)))
+
+
+@pytest.mark.skipif(not netns.available(), reason="needs root for a private network namespace")
+def test_an_ipv6_group_is_multicast_on_the_named_interface_and_members_hear_it() -> None:
+    done = netns.run_in_netns(
+        "from tests.cluster.test_multicast import _ipv6_group_in_a_namespace as run; run()"
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "rekey_bytes": 1200,
+        "sent": 1,
+        "data": "protected data",
+    }

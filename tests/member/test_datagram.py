@@ -115,8 +115,9 @@ async def test_two_members_on_one_host_both_hear_the_group() -> None:
     ("group", "interface", "message"),
     [
         ("10.0.0.1", LOOPBACK, "not a multicast address"),
-        ("ff02::1", LOOPBACK, "not an IPv4 address"),
+        ("ff02::1", LOOPBACK, r"needs an interface name \(rekey.multicast_interface6\)"),
         (GROUP_ADDRESS, "lo", "not an IPv4 address"),
+        ("group.example", LOOPBACK, "not an IP address"),
     ],
 )
 async def test_multicast_socket_refuses_what_it_cannot_join(
@@ -124,6 +125,13 @@ async def test_multicast_socket_refuses_what_it_cannot_join(
 ) -> None:
     with pytest.raises(DatagramError, match=message):
         await open_multicast_socket(group, 5000, interface)
+
+
+async def test_an_ipv6_group_is_joined_on_a_named_interface_that_exists() -> None:
+    with pytest.raises(DatagramError, match="no network interface named 'nonesuch0'"):
+        await open_multicast_socket("ff15::1", 5000, LOOPBACK, "nonesuch0")
+    with pytest.raises(DatagramError, match="no network interface named"):
+        open_send_socket(LOOPBACK, 0, ipv6_interface="nonesuch0")
 
 
 def test_send_socket_refuses_a_ttl_out_of_range() -> None:
