@@ -108,10 +108,12 @@ def make_kit(
     snapshot_entries: int = 10_000,
     group: dict[str, object] | None = None,
     peer_address: Callable[[str, str], str] | None = None,
+    multicast_interface6: str = "",
 ) -> Kit:
     """`peer_address(from_node, to_node)`, if given, is the "HOST:PORT" that
     `from_node` dials to reach `to_node`'s peer port (a fault proxy per ordered
-    pair in chaos tests); every other address stays the same on every node."""
+    pair in chaos tests); every other address stays the same on every node.
+    `multicast_interface6` names the interface IPv6 groups are multicast on."""
     node_ids = [f"n{i}" for i in range(1, nodes + 1)]
     member_ids = [f"m{i}" for i in range(1, members + 1)]
     pki.pki_init(root / "pki", nodes=node_ids, members=member_ids, admins=["admin"])
@@ -156,6 +158,7 @@ def make_kit(
             "[multicast]",
             'interface = "127.0.0.1"',
             "ttl = 0",
+            *([f'interface6 = "{multicast_interface6}"'] if multicast_interface6 else []),
         ]
         for peer_id, entry in peers.items():
             lines.append(f"[peers.{peer_id}]")

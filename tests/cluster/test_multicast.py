@@ -11,6 +11,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import tempfile
+from pathlib import Path
 
 import pytest
 import trio
@@ -19,8 +21,12 @@ import trio.testing
 from gcks.cluster.multicast import MAX_UDP_PAYLOAD, RekeySender
 from gcks.cluster.state import Outbound
 from gcks.member.datagram import open_multicast_socket, open_send_socket
-from gcks.proto.policy import MulticastEndpoint
+from gcks.member.session import Session
+from gcks.member.tls import member_client_context
+from gcks.proto.policy import MulticastEndpoint, Role
 from tests import netns
+from tests.cluster.clusterkit import make_kit
+from tests.cluster.processes import running_cluster
 
 
 def _outbound(size: int, address: str = "239.255.0.1", msg_id: int = 1) -> Outbound:
@@ -109,4 +115,63 @@ def test_an_ipv6_group_is_multicast_on_the_named_interface_and_members_hear_it()
         "rekey_bytes": 1200,
         "sent": 1,
         "data": "protected data",
+    }
+
+
+def _ipv6_group_of_a_node_in_a_namespace() -> None:
+    """Run inside a private namespace: a `gcks node` process whose group is IPv6
+    multicasts the rekey of a member's join on the interface its config names."""
+    netns.veth_pair("gv0")
+
+    async def main() -> dict[str, object]:
+        with tempfile.TemporaryDirectory() as tmp:
+            kit = make_kit(
+                Path(tmp),
+                nodes=1,
+                members=1,
+                group={"multicast_address": "ff15::77"},
+                multicast_interface6="gv0",
+            )
+            rekeys = await open_multicast_socket("ff15::77", kit.multicast_port, "", "gv0")
+            async with running_cluster(kit) as cluster:
+                await cluster.wait_group(timeout_s=30)
+                ca, crt, key = kit.member_files("m1")
+                context = member_client_context(cluster_ca=ca, cert=crt, key=key)
+                port = kit.ports["n1"]["member"]
+                session = await Session.connect(
+                    "127.0.0.1", port, context, expected_node="n1", timeout_s=10
+                )
+                with rekeys, trio.fail_after(30):
+                    gsa = await session.register(
+                        "demo", Role.RECEIVER, last_msg_id=0, sender_key=None, timeout_s=10
+                    )
+                    await session.aclose()
+                    datagram, _ = await rekeys.recvfrom(65535)
+                _, metrics = await cluster.nodes["n1"].http("/metrics")
+        counters = dict(
+            line.split() for line in metrics.splitlines() if line.startswith("gcks_rekeys_se")
+        )
+        return {
+            "multicast_is_v6": str(gsa.policy.multicast.address) == "ff15::77",
+            "datagram": len(datagram) > 0,
+            "sent": int(float(counters["gcks_rekeys_sent_total"])) >= 1,
+            "send_errors": counters["gcks_rekeys_send_errors_total"],
+        }
+
+    print(json.dumps(trio.run(main)))
+
+
+@pytest.mark.skipif(not netns.available(), reason="needs root for a private network namespace")
+def test_a_node_multicasts_an_ipv6_groups_rekeys_on_the_interface_its_config_names() -> None:
+    done = netns.run_in_netns(
+        "from tests.cluster.test_multicast import _ipv6_group_of_a_node_in_a_namespace as run; "
+        "run()",
+        timeout_s=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {
+        "multicast_is_v6": True,
+        "datagram": True,
+        "sent": True,
+        "send_errors": "0",
     }
