@@ -53,7 +53,7 @@ from gcks.cluster.commands import (
     UpdatePolicy,
     decode_command,
 )
-from gcks.proto.codec import packb, unpackb
+from gcks.proto.codec import array_head, packb, unpackb
 from gcks.proto.errors import DecodeError, GcksProtoError
 from gcks.proto.keytree import KeyTree
 from gcks.proto.messages import (
@@ -886,9 +886,13 @@ class GroupState:
 
     @staticmethod
     def snapshot_format(data: bytes) -> int:
-        """The format of snapshot bytes, read without restoring them (`StateError`)."""
+        """The format of snapshot bytes, read from their header alone, without
+        decoding the rest (`StateError`)."""
         try:
-            return _snapshot_fields(data)[1]
+            length, fmt = array_head(data)
+            if not 5 <= length <= 7:
+                raise DecodeError(f"snapshot: {length} items outside [5, 7]")
+            return read_int(fmt, "snapshot.format", 0, 255)
         except DecodeError as exc:
             raise StateError(f"not a group state snapshot: {exc}") from None
 

@@ -178,3 +178,32 @@ def unpackb(data: bytes, *, max_size: int = DEFAULT_MAX_FRAME) -> object:
         # ValueError covers msgpack's ExtraData, FormatError, StackError and
         # UnicodeDecodeError; the cause is kept for debugging, not for the peer.
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from exc
+
+
+def array_head(data: bytes) -> tuple[int, object]:
+    """The length of the msgpack array `data` starts with, and its first item,
+    without decoding the rest: a look at a large document's header (a
+    snapshot's format) that costs the same however large the document is.
+    Raises `DecodeError` if `data` does not start with a non-empty array."""
+    size = max(len(data), 1)
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        use_list=True,
+        strict_map_key=True,
+        ext_hook=_reject_ext,
+        timestamp=0,
+        max_buffer_size=size,
+        max_str_len=size,
+        max_bin_len=size,
+        max_array_len=size,
+        max_map_len=size,
+        max_ext_len=0,
+    )
+    try:
+        unpacker.feed(data)
+        length = unpacker.read_array_header()
+        if length == 0:
+            raise DecodeError("expected a non-empty array")
+        return length, unpacker.unpack()
+    except (ValueError, msgpack.UnpackException, msgpack.OutOfData, RecursionError) as exc:
+        raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from exc

@@ -1041,3 +1041,17 @@ def test_the_newest_command_version_applied_is_kept_in_snapshots() -> None:
     fields[6] = COMMAND_VERSION + 1
     with pytest.raises(state_module.NewerSnapshot, match="command version"):
         GroupState.restore(msgpack.packb(fields))
+
+
+def test_a_snapshots_format_is_read_from_its_header_alone() -> None:
+    cluster = Cluster()
+    cluster.join("m1")
+    data = cluster.state.snapshot()
+    assert GroupState.snapshot_format(data) == msgpack.unpackb(data)[0]
+    # Only the header is read: a backup cut short still shows its format
+    # (restoring it would fail).
+    assert GroupState.snapshot_format(data[:8]) == msgpack.unpackb(data)[0]
+    with pytest.raises(StateError, match="items outside"):
+        GroupState.snapshot_format(msgpack.packb([3, 1, 2]))
+    with pytest.raises(StateError, match="not a group state snapshot"):
+        GroupState.snapshot_format(b"not msgpack at all")

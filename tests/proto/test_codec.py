@@ -14,6 +14,7 @@ from gcks.proto.codec import (
     DEFAULT_MAX_FRAME,
     FRAME_HEADER_SIZE,
     FrameDecoder,
+    array_head,
     encode_frame,
     packb,
     unpackb,
@@ -169,3 +170,27 @@ def test_unpackb_rejects_input_over_max_size_before_parsing() -> None:
 
 def test_unpackb_keeps_bin_and_str_apart_and_returns_lists() -> None:
     assert unpackb(packb([b"a", "a", (1, 2)])) == [b"a", "a", [1, 2]]
+
+
+def test_array_head_reads_the_length_and_first_item_and_nothing_more() -> None:
+    document = msgpack.packb([3, "x" * 1000, list(range(100))])
+    assert array_head(document) == (3, 3)
+    # The rest is never decoded: a document cut after its first item still
+    # gives its header (a full decode would find it truncated).
+    assert array_head(document[:5]) == (3, 3)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        msgpack.packb([]),
+        msgpack.packb({"format": 3}),
+        msgpack.packb(7),
+        msgpack.packb([1, 2])[:1],  # the header alone, no first item
+        b"\x92\xc7\x01\x05x",  # an ext type as the first item
+    ],
+)
+def test_array_head_refuses_what_does_not_start_with_a_non_empty_array(data: bytes) -> None:
+    with pytest.raises(DecodeError):
+        array_head(data)
