@@ -480,6 +480,8 @@ class _Validator:
 
     @staticmethod
     def _interface_name(value: object, _from_env: bool) -> str:
+        if value == "":
+            return ""  # off, as when unset (an environment override can switch it off)
         text = _text(value)
         try:
             socket.if_nametoindex(text)

@@ -54,12 +54,24 @@ class RekeySender:
         self._sock.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP, 1)
         self._sock6: trio.socket.SocketType | None = None
         if interface6:
-            self._sock6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
-            self._sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
-            self._sock6.setsockopt(
-                socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex(interface6)
-            )
-            self._sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
+            # The interface's index is taken now: an interface deleted and made
+            # again later counts send errors until the node restarts.
+            try:
+                self._sock6 = trio.socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+                self._sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, ttl)
+                self._sock6.setsockopt(
+                    socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, socket.if_nametoindex(interface6)
+                )
+                self._sock6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_LOOP, 1)
+            except OSError as exc:
+                self._sock.close()
+                if self._sock6 is not None:
+                    self._sock6.close()
+                raise OSError(
+                    exc.errno,
+                    f"cannot multicast IPv6 groups on [multicast] interface6 {interface6!r}: "
+                    f"{exc.strerror or exc}",
+                ) from None
         self._send, self._queue = trio.open_memory_channel[Outbound](queue_size)
         self.stats = MulticastStats()
         self._warnings = LogThrottle()  # each kind repeats on every rekey

@@ -335,8 +335,8 @@ class Registrar:
                 try:
                     await self._reader(stream, link)
                 finally:
-                    self._forget(link)
                     writer.close()  # before the stream closes: no push writes to it
+                    self._forget(link)
         finally:
             await trio.aclose_forcefully(stream)
             log.debug("member %s disconnected", identity.id)

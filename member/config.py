@@ -106,15 +106,15 @@ class ProbeSettings:
 class RekeySettings:
     """Rekey reception: the IPv4 interface address on which to join the group's
     multicast address (`0.0.0.0`: the kernel's choice; `127.0.0.1`: loopback
-    demo), the name of the interface to join an IPv6 group on (empty: an IPv6
-    group's rekeys come by push only), the registration deadline, and how long
-    before a TEK expires without a successor the member re-registers rather
-    than wait."""
+    demo), the registration deadline, how long before a TEK expires without a
+    successor the member re-registers rather than wait, and the name of the
+    interface to join an IPv6 group on (empty: an IPv6 group's rekeys come by
+    push only)."""
 
     multicast_interface: str = "127.0.0.1"
-    multicast_interface6: str = ""
     register_timeout_ms: int = 5000
     resync_margin_ms: int = 10_000
+    multicast_interface6: str = ""
 
 
 @dataclass(frozen=True)
@@ -470,6 +470,8 @@ def _convert_dns(value: object, _from_env: bool) -> str:
 
 
 def _convert_interface_name(value: object, _from_env: bool) -> str:
+    if value == "":
+        return ""  # off, as when unset (an environment override can switch it off)
     text = _text(value)
     try:
         socket.if_nametoindex(text)

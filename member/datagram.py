@@ -102,14 +102,19 @@ async def open_multicast_socket(
         raise DatagramError(f"multicast address {group!r} is not an IP address") from None
     if not address.is_multicast:
         raise DatagramError(f"{group} is not a multicast address")
+    bind: tuple[str, int] | tuple[str, int, int, int]
     if address.version == 4:
         family, level, join = socket.AF_INET, socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP
         membership = address.packed + _ipv4(interface, "multicast interface").packed
-        multicast_all, via = _IP_MULTICAST_ALL, interface
+        multicast_all, via, bind = _IP_MULTICAST_ALL, interface, (str(address), port)
+        where = f"{address}:{port}"
     else:
+        index = _interface_index(interface6)
         family, level, join = socket.AF_INET6, socket.IPPROTO_IPV6, socket.IPV6_JOIN_GROUP
-        membership = address.packed + struct.pack("@I", _interface_index(interface6))
-        multicast_all, via = _IPV6_MULTICAST_ALL, interface6
+        membership = address.packed + struct.pack("@I", index)
+        # With the interface as scope: link-local groups (ff02::) need one to bind.
+        multicast_all, via, bind = _IPV6_MULTICAST_ALL, interface6, (str(address), port, 0, index)
+        where = f"[{address}]:{port}"
     sock = trio.socket.socket(family, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -117,11 +122,11 @@ async def open_multicast_socket(
             sock.setsockopt(level, multicast_all, 0)
         # Bound to the group address, the socket receives that group's
         # datagrams only, not unicast sent to the same port.
-        await sock.bind((str(address), port))
+        await sock.bind(bind)
         sock.setsockopt(level, join, membership)
     except OSError as exc:
         sock.close()
-        raise DatagramError(f"cannot join {group}:{port} on {via}: {exc}") from None
+        raise DatagramError(f"cannot join {where} on {via}: {exc}") from None
     return sock
 
 

@@ -22,10 +22,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @cache
 def available() -> bool:
-    """Whether this host lets us make a network namespace with a veth pair."""
+    """Whether this host lets us make a network namespace with a veth pair, and has IPv6."""
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return False
-    probe = "ip link add gcks-p0 type veth peer name gcks-p1"
+    probe = (
+        "ip link add gcks-p0 type veth peer name gcks-p1 && "
+        f"{sys.executable} -c 'import socket; socket.socket(socket.AF_INET6).close()'"
+    )
     done = subprocess.run(
         ["unshare", "--net", "sh", "-c", probe], capture_output=True, timeout=30, check=False
     )

@@ -191,7 +191,6 @@ _DELETE = object()
         ("multicast", {"ttl": 256}, "multicast.ttl"),
         ("multicast", {"interface": "eth0"}, "multicast.interface"),
         ("multicast", {"interface6": "nonesuch0"}, "multicast.interface6"),
-        ("multicast", {"interface6": ""}, "multicast.interface6"),
         ("peers.n2.peer", "nowhere", "peers.n2.peer"),
         ("peers.n2.member", _DELETE, "peers.n2.member"),
         ("peers.n2.probe", "127.0.0.1:7421", "peers.n2.probe"),  # n1's probe address
@@ -380,6 +379,8 @@ def test_ipv6_groups_are_multicast_on_an_interface_named_in_the_config(
     document = _document(pki_dir)
     document["multicast"] = {"interface6": "lo"}  # an interface every host has
     assert _load(tmp_path, document).multicast.interface6 == "lo"
+    document["multicast"] = {"interface6": ""}  # off, as when unset
+    assert _load(tmp_path, document).multicast.interface6 == ""
 
 
 def test_every_setting_field_is_a_configurable_key() -> None:

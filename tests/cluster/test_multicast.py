@@ -84,9 +84,8 @@ def _ipv6_group_in_a_namespace() -> None:
     """Run inside a private namespace: a node's sender multicasts a rekey to an
     IPv6 group, members hear it and the group's data on the named interface."""
     netns.veth_pair("gv0")
-    group = "ff15::7"
 
-    async def main() -> dict[str, object]:
+    async def one_group(group: str) -> dict[str, object]:
         rekeys = await open_multicast_socket(group, 5000, "127.0.0.1", "gv0")
         data = await open_multicast_socket(group, 5001, "127.0.0.1", "gv0")
         sender = RekeySender("127.0.0.1", 0, interface6="gv0")
@@ -102,6 +101,10 @@ def _ipv6_group_in_a_namespace() -> None:
                 nursery.cancel_scope.cancel()
         return {"rekey_bytes": len(rekey), "sent": sender.stats.sent, "data": packet.decode()}
 
+    async def main() -> dict[str, object]:
+        # A site-local group, and a link-local one (ff02::, what TTL 1 reaches).
+        return {group: await one_group(group) for group in ("ff15::7", "ff02::7")}
+
     print(json.dumps(trio.run(main)))
 
 
@@ -111,11 +114,8 @@ def test_an_ipv6_group_is_multicast_on_the_named_interface_and_members_hear_it()
         "from tests.cluster.test_multicast import _ipv6_group_in_a_namespace as run; run()"
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert json.loads(done.stdout.splitlines()[-1]) == {
-        "rekey_bytes": 1200,
-        "sent": 1,
-        "data": "protected data",
-    }
+    heard = {"rekey_bytes": 1200, "sent": 1, "data": "protected data"}
+    assert json.loads(done.stdout.splitlines()[-1]) == {"ff15::7": heard, "ff02::7": heard}
 
 
 def _ipv6_group_of_a_node_in_a_namespace() -> None:

@@ -126,7 +126,7 @@ def test_all_sections_are_read(config_dir: Path) -> None:
     assert config.data_listen == ("0.0.0.0", 7900)
     assert (config.probe.count, config.probe.timeout_ms, config.probe.interval_s) == (3, 250, 5.5)
     assert config.probe.switch_margin == 0.5
-    assert config.rekey == RekeySettings("0.0.0.0", "lo", 2000, 0)
+    assert config.rekey == RekeySettings("0.0.0.0", 2000, 0, "lo")
 
 
 def test_environment_overrides_scalar_keys(config_dir: Path) -> None:

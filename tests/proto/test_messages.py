@@ -12,6 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gcks.proto import messages as wire
 from gcks.proto.codec import FrameDecoder, encode_frame
 from gcks.proto.errors import DecodeError, UnsupportedVersion
 from gcks.proto.messages import (
@@ -411,6 +412,21 @@ def test_encoding_a_gsa_checks_all_but_its_typed_policy() -> None:
         dataclasses.replace(gsa, nodes=(NodeEndpoint("n1", "no port", "[::1]:7001"),)).encode()
     # The policy's own constructor is its check; the bytes still carry all of it.
     assert decode_message(gsa.encode()) == gsa
+
+
+def test_a_gsas_policy_is_not_read_back_on_encode_but_is_read_on_decode(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gsa = _sample_gsa()
+    data = gsa.encode()
+
+    def refuse(value: object, name: str) -> GroupPolicy:
+        raise DecodeError(f"{name}: read")
+
+    monkeypatch.setattr(wire, "_read_policy", refuse)
+    assert gsa.encode() == data
+    with pytest.raises(DecodeError, match=r"GsaAnswer\.policy: read"):
+        decode_message(data)
 
 
 @pytest.mark.parametrize("text", ["line\x1b[31m", "two\nlines", "c1\x9b31m", "nul\x00"])
