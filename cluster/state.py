@@ -906,7 +906,8 @@ class GroupState:
 
     @classmethod
     def _restore(cls, data: bytes) -> GroupState:
-        fields, fmt = _snapshot_fields(data)
+        fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 7, min_items=5)
+        fmt = read_int(fields[0], "snapshot.format", 0, 255)
         if fmt > SNAPSHOT_FORMAT:
             raise NewerSnapshot(
                 f"snapshot format {fmt}; this node reads up to format {SNAPSHOT_FORMAT}"
@@ -983,12 +984,6 @@ class GroupState:
             (max(g.kek.activation_ms, g.clock_ms) for g in state._groups.values()), default=0
         )
         return state
-
-
-def _snapshot_fields(data: bytes) -> tuple[tuple[object, ...], int]:
-    """A snapshot's top-level fields, and its format (the first)."""
-    fields = read_list(unpackb(data, max_size=len(data)), "snapshot", 7, min_items=5)
-    return fields, read_int(fields[0], "snapshot.format", 0, 255)
 
 
 def _read_departed(value: object, name: str) -> dict[str, tuple[int, int]]:

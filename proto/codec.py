@@ -150,6 +150,24 @@ def packb(obj: object) -> bytes:
     return result
 
 
+def _untrusted(max_size: int) -> dict[str, object]:
+    """msgpack's decoding options for untrusted bytes of at most `max_size`."""
+    return {
+        "raw": False,
+        "use_list": True,
+        "strict_map_key": True,
+        "ext_hook": _reject_ext,
+        "timestamp": 0,
+        "max_str_len": max_size,
+        "max_bin_len": max_size,
+        "max_array_len": max_size,
+        "max_map_len": max_size,
+        # A zero ext length makes msgpack refuse timestamps (ext -1), which
+        # bypass ext_hook; every other ext reaches `_reject_ext`.
+        "max_ext_len": 0,
+    }
+
+
 def unpackb(data: bytes, *, max_size: int = DEFAULT_MAX_FRAME) -> object:
     """Decode exactly one msgpack value from untrusted `data`.
 
@@ -159,21 +177,7 @@ def unpackb(data: bytes, *, max_size: int = DEFAULT_MAX_FRAME) -> object:
     if len(data) > max_size:
         raise DecodeError(f"message of {len(data)} bytes exceeds maximum {max_size}")
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            use_list=True,
-            strict_map_key=True,
-            ext_hook=_reject_ext,
-            timestamp=0,
-            max_str_len=max_size,
-            max_bin_len=max_size,
-            max_array_len=max_size,
-            max_map_len=max_size,
-            # A zero ext length makes msgpack refuse timestamps (ext -1), which
-            # bypass ext_hook; every other ext reaches `_reject_ext`.
-            max_ext_len=0,
-        )
+        return msgpack.unpackb(data, **_untrusted(max_size))
     except (ValueError, msgpack.UnpackException, RecursionError) as exc:
         # ValueError covers msgpack's ExtraData, FormatError, StackError and
         # UnicodeDecodeError; the cause is kept for debugging, not for the peer.
@@ -186,19 +190,7 @@ def array_head(data: bytes) -> tuple[int, object]:
     snapshot's format) that costs the same however large the document is.
     Raises `DecodeError` if `data` does not start with a non-empty array."""
     size = max(len(data), 1)
-    unpacker = msgpack.Unpacker(
-        raw=False,
-        use_list=True,
-        strict_map_key=True,
-        ext_hook=_reject_ext,
-        timestamp=0,
-        max_buffer_size=size,
-        max_str_len=size,
-        max_bin_len=size,
-        max_array_len=size,
-        max_map_len=size,
-        max_ext_len=0,
-    )
+    unpacker = msgpack.Unpacker(max_buffer_size=size, **_untrusted(size))
     try:
         unpacker.feed(data)
         length = unpacker.read_array_header()

@@ -47,10 +47,9 @@ def run_in_netns(code: str, timeout_s: float = 60) -> subprocess.CompletedProces
     )
 
 
-def veth_pair(name: str = "gv0") -> None:
-    """Inside the namespace: loopback up, and `name` with its peer, up and at once
-    usable for IPv6 (duplicate address detection off, so no wait)."""
-    peer = name[:-1] + "1" if name.endswith("0") else name + "p"
+def veth_pair(name: str = "gv0", peer: str = "gv1") -> None:
+    """Inside the namespace: loopback up, and `name` with its `peer`, up and at
+    once usable for IPv6 (duplicate address detection off, so no wait)."""
     for command in (
         "ip link set lo up",
         "sysctl -qw net.ipv6.conf.all.accept_dad=0",
