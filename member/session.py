@@ -69,6 +69,7 @@ class Session:
         expected_node: str | None,
         timeout_s: float,
     ) -> Session:
+        stream: trio.SSLStream[Any] | None = None
         try:
             with trio.fail_after(timeout_s):
                 tcp = await trio.open_tcp_stream(host, port)
@@ -76,6 +77,8 @@ class Session:
                 await stream.do_handshake()
                 identity = verify_node(stream, expected_node)
         except (OSError, trio.TooSlowError, trio.BrokenResourceError, ProtocolError) as exc:
+            if stream is not None:  # not left to the garbage collector: failovers retry
+                await trio.aclose_forcefully(stream)
             raise SessionError(
                 f"cannot reach node at {host}:{port}: {exc or type(exc).__name__}"
             ) from exc
@@ -144,12 +147,14 @@ class Session:
 
     async def _receive(self) -> Message | None:
         while True:
-            frame = self._decoder.next_frame()
-            if frame is not None:
-                try:
+            try:
+                # The frame header is checked here (a length past the limit), the
+                # body by the decoder: either way the node broke the protocol.
+                frame = self._decoder.next_frame()
+                if frame is not None:
                     return decode_message(frame)
-                except ProtocolError as exc:
-                    raise SessionError(f"node {self.node_id} sent a bad frame: {exc}") from exc
+            except ProtocolError as exc:
+                raise SessionError(f"node {self.node_id} sent a bad frame: {exc}") from exc
             try:
                 data = await self._stream.receive_some(_RECEIVE_CHUNK)
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
