@@ -22,7 +22,9 @@ Versions: 1, the first; 2, apply never lets a group's key times go back (a
 batch stamped before a leader change can commit after one stamped later), and
 joins and leaves carry the time their request arrived, so apply can tell a
 join that arrives after a later leave of the member (`_Group.at_time`,
-`_Group.stale`).
+`_Group.stale`); 3, a sender that registers again in the same role (a resync
+or failover: a fresh sender id, the same leaf) keeps the time it joined, so
+its GSA still carries the current TEKs.
 
 May import `gcks.proto`. Must never read a clock, draw randomness or do I/O.
 Key material is kept out of every repr.
@@ -48,7 +50,7 @@ from gcks.proto.schema import (
     read_str,
 )
 
-COMMAND_VERSION: Final = 2
+COMMAND_VERSION: Final = 3
 SEED_SIZE: Final = 32
 KEY_SIZE: Final = 32
 ED25519_KEY_SIZE: Final = 32

@@ -53,7 +53,7 @@ from gcks.cluster.commands import (
     UpdatePolicy,
     decode_command,
 )
-from gcks.proto.codec import array_head, packb, unpackb
+from gcks.proto.codec import array_ends, packb, unpackb
 from gcks.proto.errors import DecodeError, GcksProtoError
 from gcks.proto.keytree import KeyTree
 from gcks.proto.messages import (
@@ -669,7 +669,13 @@ class GroupState:
                 tree_joins.append(join.member_id)
                 joined.append(record)
             elif sender_id is not None:
-                joined.append(record)  # same role, but a fresh sender id (see module doc)
+                # Same role and leaf, but a fresh sender id (see module doc). It
+                # has been a member all along, so it keeps its join time and its
+                # GSA the TEKs it held: no TEK is made for a batch that changes
+                # no membership, and version 2 stamped this re-join, which left
+                # the GSA of a re-registering sender without any TEK.
+                since = old.joined_ms if cmd.version >= 3 else now
+                joined.append(dataclasses.replace(record, joined_ms=since))
             else:
                 rejoined.append(join.member_id)
 
@@ -885,14 +891,24 @@ class GroupState:
         return packb(fields if fmt < 3 else [*fields, self.newest_version])
 
     @staticmethod
-    def snapshot_format(data: bytes) -> int:
-        """The format of snapshot bytes, read from their header alone, without
-        decoding the rest (`StateError`)."""
+    def snapshot_version(data: bytes) -> int:
+        """The command version a node must apply up to in order to restore
+        snapshot bytes, read from their first and last items alone: format 3
+        came with version 2 and ends with the newest version its state applied
+        (`StateError` if the bytes are not a snapshot this node reads)."""
         try:
-            length, fmt = array_head(data)
+            length, fmt, last = array_ends(data)
             if not 5 <= length <= 7:
                 raise DecodeError(f"snapshot: {length} items outside [5, 7]")
-            return read_int(fmt, "snapshot.format", 0, 255)
+            fmt = read_int(fmt, "snapshot.format", 0, 255)
+            if fmt > SNAPSHOT_FORMAT:
+                raise StateError(
+                    f"snapshot format {fmt}, written by a newer gcks; "
+                    f"this node reads up to format {SNAPSHOT_FORMAT}"
+                )
+            if fmt < 3 or length < 7:
+                return 1 if fmt < 3 else 2
+            return max(2, read_int(last, "snapshot.version", 1, 255))
         except DecodeError as exc:
             raise StateError(f"not a group state snapshot: {exc}") from None
 

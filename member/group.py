@@ -151,7 +151,7 @@ class GroupKeys:
 
     def _apply(self, body: RekeyBody) -> str | None:
         """Apply a verified body all or nothing; a reason to resync if it cannot be."""
-        kek = self.kek
+        kek, tree = self.kek, self._tree
         if body.kek is not None:
             tree = MemberKeys(self._tree.path)
             try:
@@ -168,12 +168,13 @@ class GroupKeys:
                 body.kek.activation_ms,
                 body.kek.expiry_ms,
             )
-            self._tree = tree
-        for spi, _ in body.deactivate:
-            if spi not in self._teks:
-                return f"deactivation of unknown TEK {spi}"
-        self.kek = kek
+        self.kek, self._tree = kek, tree
         for spi, at_ms in body.deactivate:
+            if spi not in self._teks:
+                # One we were never given (a GSA holds only TEKs made since the
+                # member joined): there is nothing to retire, and no key missing
+                # that a resync would bring.
+                continue
             self._receiver.retire(spi, deactivate_at_ms=at_ms)
             old = self._teks[spi]
             self._teks[spi] = KeySA(

@@ -184,11 +184,12 @@ def unpackb(data: bytes, *, max_size: int = DEFAULT_MAX_FRAME) -> object:
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from exc
 
 
-def array_head(data: bytes) -> tuple[int, object]:
-    """The length of the msgpack array `data` starts with, and its first item,
-    without decoding the rest: a look at a large document's header (a
-    snapshot's format) that costs the same however large the document is.
-    Raises `DecodeError` if `data` does not start with a non-empty array."""
+def array_ends(data: bytes) -> tuple[int, object, object]:
+    """The length of the msgpack array `data`, and its first and last items,
+    skipping the ones between without building them: a look at a large
+    document's header and trailer (a snapshot's format and newest command
+    version) that costs a fraction of decoding it. Raises `DecodeError` if
+    `data` is not one non-empty array."""
     size = max(len(data), 1)
     unpacker = msgpack.Unpacker(max_buffer_size=size, **_untrusted(size))
     try:
@@ -196,6 +197,13 @@ def array_head(data: bytes) -> tuple[int, object]:
         length = unpacker.read_array_header()
         if length == 0:
             raise DecodeError("expected a non-empty array")
-        return length, unpacker.unpack()
+        first = last = unpacker.unpack()
+        if length > 1:
+            for _ in range(length - 2):
+                unpacker.skip()
+            last = unpacker.unpack()
     except (ValueError, msgpack.UnpackException, msgpack.OutOfData, RecursionError) as exc:
         raise DecodeError(f"malformed msgpack: {type(exc).__name__}") from exc
+    if unpacker.tell() != len(data):
+        raise DecodeError("trailing bytes after the array")
+    return length, first, last

@@ -17,6 +17,7 @@ import gcks.cluster.admin as admin_module
 from gcks.cluster import admincli
 from gcks.cluster.admin import AdminError, AdminRequest
 from gcks.cluster.admincli import Target
+from gcks.cluster.commands import COMMAND_VERSION
 from gcks.cluster.config import Address
 from tests.cluster.clusterkit import admin_call, admin_context, make_kit
 from tests.cluster.test_node_inprocess import start_cluster
@@ -101,11 +102,15 @@ async def test_a_backup_that_older_nodes_cannot_read_is_refused_until_all_are_up
             rekeyer = nodes["n1"].rekeyer
             assert rekeyer is not None
             backup = (await admin_call(kit, "n1", "snapshot.save"))["snapshot"]
-            rekeyer.command_version = lambda: 1  # a node of the previous version is in
-            for snapshot, why in ((backup, "command version 2"), (b"junk", "not a group state")):
-                with pytest.raises(AdminError, match=why) as caught:
-                    await admin_call(kit, "n1", "snapshot.restore", {"snapshot": snapshot})
-                assert caught.value.code == "rejected"
-            rekeyer.command_version = lambda: 2  # every node upgraded
+            for older in range(1, COMMAND_VERSION):  # a node of an older version is in
+                rekeyer.command_version = lambda older=older: older  # type: ignore[misc]
+                for snapshot, why in (
+                    (backup, f"command version {COMMAND_VERSION};"),
+                    (b"junk", "not a group state"),
+                ):
+                    with pytest.raises(AdminError, match=why) as caught:
+                        await admin_call(kit, "n1", "snapshot.restore", {"snapshot": snapshot})
+                    assert caught.value.code == "rejected"
+            rekeyer.command_version = lambda: COMMAND_VERSION  # every node upgraded
             await admin_call(kit, "n1", "snapshot.restore", {"snapshot": backup})
             nursery.cancel_scope.cancel()

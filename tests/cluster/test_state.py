@@ -381,6 +381,51 @@ def test_receiver_rejoin_is_idempotent_and_sender_rejoin_gets_a_fresh_sender_id(
     assert again.sender_id != sender.sender_id
 
 
+@pytest.mark.parametrize("activation_delay_ms", [0, 3000])
+def test_a_sender_that_registers_again_gets_the_current_tek_and_can_send(
+    activation_delay_ms: int,
+) -> None:
+    # A resync or failover: the same identity and role, a batch that changes no
+    # membership (so no TEK is made), a fresh sender id.
+    cluster = Cluster(activation_delay_ms=activation_delay_ms)
+    receiver = cluster.join("r")
+    cluster.join("s", Role.SENDER)
+    cluster.deliver(cluster.rekey())  # a TEK rotation while it is a member
+    cluster.now += 5000  # the rotation's TEK is active now, past any activation delay
+    current = cluster.state.teks("demo")
+    before = cluster.state.gsa("demo", "s", request_id=1, nodes=()).teks
+    assert before, "the TEK made while it was a member"
+    cluster.deliver(cluster.rekey([Join("s", Role.SENDER)]))
+    assert cluster.state.teks("demo") == current, "a moot batch makes no TEK"
+    again = cluster.state.gsa("demo", "s", request_id=2, nodes=())
+    assert again.teks == before
+    sender = GroupKeys(again, now_ms=cluster.now)
+    sent, payload = sender.protect(b"after the resync", cluster.now), b"after the resync"
+    assert receiver.unprotect(sent, cluster.now) == (again.sender_id, payload)
+
+
+def test_a_version_2_re_registration_still_applies_as_it_did() -> None:
+    # Nodes replay old entries: their outcome must not change with the code.
+    cluster = Cluster()
+    cluster.join("s", Role.SENDER)
+    cluster.rekey([Join("s", Role.SENDER)], version=2)
+    assert cluster.state.gsa("demo", "s", request_id=2, nodes=()).teks == ()
+
+
+def test_a_member_takes_a_rekey_retiring_a_tek_it_was_never_given() -> None:
+    # The GSA of a version 2 re-registration (a node not yet upgraded) holds no
+    # TEK; the next rotation retires the one the member lacks and brings a new one.
+    cluster = Cluster()
+    cluster.join("s", Role.SENDER)
+    cluster.rekey([Join("s", Role.SENDER)], version=2)
+    keys = GroupKeys(cluster.state.gsa("demo", "s", request_id=2, nodes=()), now_ms=cluster.now)
+    cluster.members["s"] = keys
+    assert keys.teks == ()
+    assert cluster.state.teks("demo"), "each live TEK is retired by the next rotation"
+    assert cluster.deliver(cluster.rekey()) == {"s": [Outcome.ACCEPTED]}
+    assert keys.sending_tek(cluster.now) == cluster.state.teks("demo")[-1]
+
+
 def test_sender_ids_are_never_reused_within_a_group() -> None:
     cluster = Cluster()
     ids = []
@@ -1043,15 +1088,20 @@ def test_the_newest_command_version_applied_is_kept_in_snapshots() -> None:
         GroupState.restore(msgpack.packb(fields))
 
 
-def test_a_snapshots_format_is_read_from_its_header_alone() -> None:
+def test_the_command_version_a_snapshot_needs_is_read_from_its_ends() -> None:
     cluster = Cluster()
     cluster.join("m1")
     data = cluster.state.snapshot()
-    assert GroupState.snapshot_format(data) == msgpack.unpackb(data)[0]
-    # Only the header is read: a backup cut short still shows its format
-    # (restoring it would fail).
-    assert GroupState.snapshot_format(data[:8]) == msgpack.unpackb(data)[0]
+    assert msgpack.unpackb(data)[-1] == COMMAND_VERSION
+    assert GroupState.snapshot_version(data) == COMMAND_VERSION
+    fields = msgpack.unpackb(data)
+    assert GroupState.snapshot_version(msgpack.packb([*fields[:6], 1])) == 2, "format 3 came with 2"
+    assert GroupState.snapshot_version(msgpack.packb([2, *fields[1:6]])) == 1
+    with pytest.raises(StateError, match="newer gcks"):
+        GroupState.snapshot_version(msgpack.packb([state_module.SNAPSHOT_FORMAT + 1, *fields[1:]]))
     with pytest.raises(StateError, match="items outside"):
-        GroupState.snapshot_format(msgpack.packb([3, 1, 2]))
+        GroupState.snapshot_version(msgpack.packb([3, 1, 2]))
     with pytest.raises(StateError, match="not a group state snapshot"):
-        GroupState.snapshot_format(b"not msgpack at all")
+        GroupState.snapshot_version(b"not msgpack at all")
+    with pytest.raises(StateError, match="not a group state snapshot"):
+        GroupState.snapshot_version(data[:-1])  # a backup cut short

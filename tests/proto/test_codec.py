@@ -14,7 +14,7 @@ from gcks.proto.codec import (
     DEFAULT_MAX_FRAME,
     FRAME_HEADER_SIZE,
     FrameDecoder,
-    array_head,
+    array_ends,
     encode_frame,
     packb,
     unpackb,
@@ -172,12 +172,25 @@ def test_unpackb_keeps_bin_and_str_apart_and_returns_lists() -> None:
     assert unpackb(packb([b"a", "a", (1, 2)])) == [b"a", "a", [1, 2]]
 
 
-def test_array_head_reads_the_length_and_first_item_and_nothing_more() -> None:
-    document = msgpack.packb([3, "x" * 1000, list(range(100))])
-    assert array_head(document) == (3, 3)
-    # The rest is never decoded: a document cut after its first item still
-    # gives its header (a full decode would find it truncated).
-    assert array_head(document[:5]) == (3, 3)
+def test_array_ends_reads_the_length_and_first_and_last_items() -> None:
+    document = msgpack.packb([3, "x" * 1000, list(range(100)), 7])
+    assert array_ends(document) == (4, 3, 7)
+    assert array_ends(msgpack.packb([5])) == (1, 5, 5)
+
+
+def test_array_ends_builds_nothing_between_the_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The items between are skipped, never built: a hook that fails on any
+    # map built shows it (the middle item is the only map).
+    document = msgpack.packb([3, {"big": list(range(1000))}, 7])
+    built: list[object] = []
+    original = msgpack.Unpacker
+
+    def unpacker(*args: object, **kwargs: object) -> msgpack.Unpacker:
+        return original(*args, **{**kwargs, "object_pairs_hook": built.append})
+
+    monkeypatch.setattr(msgpack, "Unpacker", unpacker)
+    assert array_ends(document) == (3, 3, 7)
+    assert built == []
 
 
 @pytest.mark.parametrize(
@@ -188,9 +201,11 @@ def test_array_head_reads_the_length_and_first_item_and_nothing_more() -> None:
         msgpack.packb({"format": 3}),
         msgpack.packb(7),
         msgpack.packb([1, 2])[:1],  # the header alone, no first item
+        msgpack.packb([1, 2, 3])[:-1],  # cut short before the last item
+        msgpack.packb([1, 2]) + b"\x01",  # something after the array
         b"\x92\xc7\x01\x05x",  # an ext type as the first item
     ],
 )
-def test_array_head_refuses_what_does_not_start_with_a_non_empty_array(data: bytes) -> None:
+def test_array_ends_refuses_what_is_not_one_non_empty_array(data: bytes) -> None:
     with pytest.raises(DecodeError):
-        array_head(data)
+        array_ends(data)
