@@ -90,12 +90,12 @@ class GroupKeys:
 
     @property
     def teks(self) -> tuple[KeySA, ...]:
-        return tuple(sorted(self._teks.values(), key=lambda t: (t.activation_ms, t.spi)))
+        return tuple(sorted(self._teks.values(), key=_order))
 
     def sending_tek(self, now_ms: int) -> KeySA | None:
         """The TEK a sender uses at `now_ms`: the newest one already active."""
         active = [t for t in self._teks.values() if t.active_at(now_ms)]
-        return max(active, key=lambda t: (t.activation_ms, t.spi), default=None)
+        return max(active, key=_order, default=None)
 
     def needs_resync(self, now_ms: int, margin_ms: int) -> str | None:
         """Why the member should re-register now, if it should: its only TEKs run
@@ -212,7 +212,12 @@ class GroupKeys:
             return
         if self._sender is None:
             self._sender = DataSender(tek, sender_id=self.sender_id, signer=self._signer)
-        elif self._sender.spi != tek.spi:
+            return
+        current = self._teks.get(self._sender.spi)
+        # Forward only: after the wall clock steps back (NTP), the TEK active
+        # "now" can be the one used before, and a sender never takes a TEK up
+        # again (its sequence numbers, so its nonces, would start over).
+        if current is None or _order(tek) > _order(current):
             self._sender.use_tek(tek)
 
     def protect(self, payload: bytes, now_ms: int) -> bytes:
@@ -227,3 +232,8 @@ class GroupKeys:
     def unprotect(self, packet: bytes, now_ms: int) -> tuple[int, bytes]:
         """Verify and decrypt a data packet: (sender id, payload); `ProtocolError` if bad."""
         return self._receiver.unprotect(packet, now_ms)
+
+
+def _order(tek: KeySA) -> tuple[int, int]:
+    """Older TEKs first: by activation, then by SPI (allocated in order)."""
+    return tek.activation_ms, tek.spi

@@ -42,6 +42,7 @@ from gcks.cluster.state import (
     UpgradeRequired,
 )
 from gcks.member.group import GroupKeys, Outcome
+from gcks.proto.data import HEADER
 from gcks.proto.errors import (
     BadSignature,
     DecodeError,
@@ -410,6 +411,23 @@ def test_a_version_2_re_registration_still_applies_as_it_did() -> None:
     cluster.join("s", Role.SENDER)
     cluster.rekey([Join("s", Role.SENDER)], version=2)
     assert cluster.state.gsa("demo", "s", request_id=2, nodes=()).teks == ()
+
+
+def test_a_sender_never_goes_back_to_a_tek_when_the_wall_clock_steps_back() -> None:
+    cluster = Cluster(activation_delay_ms=3000)
+    receiver = cluster.join("r")
+    sender = cluster.join("s", Role.SENDER)
+    cluster.deliver(cluster.rekey())  # T2, active 3 s after T1
+    t1, t2 = sorted(sender.teks, key=lambda t: t.activation_ms)[-2:]
+    sender.protect(b"under T1", t1.activation_ms)
+    sender.protect(b"under T2", t2.activation_ms)  # switched to T2
+    stepped_back = t2.activation_ms - 1  # NTP steps the clock back: T1 is "the active one"
+    out = cluster.rekey(tek=False, refresh_kek=True)
+    result = sender.handle_rekey(out[0].datagram, stepped_back)
+    assert result.outcome is Outcome.ACCEPTED
+    packet = sender.protect(b"still T2", stepped_back)
+    assert receiver.unprotect(packet, t2.activation_ms)[1] == b"still T2"
+    assert HEADER.unpack_from(packet)[2] == t2.spi  # version, flags, SPI, ...
 
 
 def test_a_member_takes_a_rekey_retiring_a_tek_it_was_never_given() -> None:
