@@ -137,6 +137,8 @@ class _Request:
     reason: str = ""
     msg_id: int = 0  # RESYNC: the message that could not be followed (0: lifetimes)
     choice: Choice | None = None
+    session: Session | None = None  # LOST: the session that ended
+    registrations: int = 0  # RESYNC: registrations done when it was asked (`_ask_resync`)
 
 
 class _Left(Exception):
@@ -358,7 +360,9 @@ class Member:
             except SessionError as exc:
                 reason = str(exc)
             if self._session is session:  # not a session being replaced or closed
-                self._post(_Request(_Kind.LOST, node=session.node_id, reason=reason))
+                self._post(
+                    _Request(_Kind.LOST, node=session.node_id, reason=reason, session=session)
+                )
 
     def _ensure_multicast(self) -> None:
         """Listen on the group's multicast endpoint, following policy changes."""
@@ -435,7 +439,7 @@ class Member:
             reason = keys.needs_resync(self._clock_ms(), margin)
             if reason is not None:
                 asked_at = trio.current_time()
-                self._post(_Request(_Kind.RESYNC, reason=reason))
+                self._ask_resync(reason)
 
     # --------------------------------------------------------------- datagrams
 
@@ -478,9 +482,7 @@ class Member:
                 )
                 self._ensure_multicast()
             case Outcome.RESYNC:
-                self._post(
-                    _Request(_Kind.RESYNC, node=source, reason=result.reason, msg_id=result.msg_id)
-                )
+                self._ask_resync(result.reason, node=source, msg_id=result.msg_id)
             case Outcome.TERMINATED:
                 self._leave(f"group terminated: {result.reason}")
                 self._stop_tasks()
@@ -489,6 +491,10 @@ class Member:
 
     def _post(self, request: _Request) -> None:
         self._send_request.send_nowait(request)
+
+    def _ask_resync(self, reason: str, *, node: str = "", msg_id: int = 0) -> None:
+        registrations = self.stats.registrations  # one registration since answers it
+        self._post(_Request(_Kind.RESYNC, node, reason, msg_id, registrations=registrations))
 
     async def _supervise(self) -> None:
         try:
@@ -504,6 +510,11 @@ class Member:
             return
         match request.kind:
             case _Kind.RESYNC:
+                if request.registrations < self.stats.registrations:
+                    # A registration since it was asked brought a current GSA.
+                    # (Lifetime checks go on asking while a failover waits for
+                    # a node: those must not each register again afterwards.)
+                    return
                 if request.msg_id and keys.msg_id >= request.msg_id:
                     return  # an earlier resync already caught up past it
                 self.stats.resyncs += 1
@@ -521,7 +532,8 @@ class Member:
                 except SessionError as exc:
                     await self._failover(current, f"resync at {current} failed: {exc}")
             case _Kind.LOST:
-                if request.node == current:
+                # The very session: a resync at the same node may have replaced it.
+                if request.session is self._session:
                     await self._failover(current, request.reason)
             case _Kind.SWITCH:
                 choice = request.choice
@@ -532,7 +544,7 @@ class Member:
                     await self._attach(choice.node_id)
                 except SessionError as exc:
                     log.warning("switch to %s failed, staying: %s", choice.node_id, exc)
-                    self.ranking.next_after_failure(choice.node_id)
+                    self.ranking.stay(current, failed=choice.node_id)
                     return
                 self._failed_over(current, choice.node_id, choice.reason, choice.rtts)
 
@@ -550,7 +562,13 @@ class Member:
                 await self._probe_round()
                 choice = self.ranking.choose_initial()
                 if choice is None:
-                    continue
+                    # No node answered a probe (a firewalled probe port, an
+                    # address family not probed): after the wait, try every
+                    # node again rather than none for good.
+                    self.ranking.clear_failed()
+                    choice = self.ranking.choose_initial()
+                    if choice is None:
+                        continue  # no node known at all (discovery found none)
             try:
                 await self._attach(choice.node_id)
             except SessionError as exc:

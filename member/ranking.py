@@ -21,6 +21,8 @@ on, so the caller can emit it as an event):
 - `next_after_failure(node)`: the caller lost the node (connection, deadline);
   it is skipped until one of its probes is answered again, and the next node
   in the ranking is returned. Failover is never held down.
+- `stay(node, failed=other)`: a switch to `other` failed; the caller is still
+  at `node`. `clear_failed()`: every node failed and none answers probes.
 
 Deterministic: ties break by node id, time is passed in by the caller (seconds,
 any monotonic origin). May import the standard library only; must never do
@@ -214,6 +216,19 @@ class Ranking:
             self._current = None
             return None
         return self._choose(candidate[0], f"failover from {failed_node}: it failed")
+
+    def stay(self, node_id: str, *, failed: str) -> None:
+        """A switch to `failed` did not happen: the member is still at `node_id`,
+        the node hysteresis compares against; `failed` is skipped until one of
+        its probes is answered again."""
+        self._failed.add(failed)
+        self._current = node_id
+        self._streak = None
+
+    def clear_failed(self) -> None:
+        """Make every node eligible again: nothing answers probes, so no failed
+        mark would ever clear, and the caller has waited before trying again."""
+        self._failed.clear()
 
     def _advance(self, now: float) -> None:
         if not math.isfinite(now):

@@ -24,7 +24,7 @@ from gcks.cluster.node import Node
 from gcks.cluster.probe import ProbeResponder
 from gcks.member.config import load_member_config
 from gcks.member.datagram import Receiver, data_endpoint, open_multicast_socket
-from gcks.member.member import Event, Member, MemberError, wall_clock_ms
+from gcks.member.member import Event, Member, MemberError, _Kind, _Request, wall_clock_ms
 from gcks.member.ranking import RankingConfig
 from gcks.proto.errors import ProtocolError, ReplayError
 from gcks.proto.rekey import parse_rekey_header
@@ -583,3 +583,74 @@ async def test_member_found_by_dns_learns_node_ids_from_probes_and_registers_wit
         assert set(registered["rtt_ms"]) == set(addresses)  # type: ignore[arg-type]
         await cluster.force_rekey()
         await wait_until(lambda: m.gsa.msg_id == cluster.msg_id())
+
+
+async def _drained(m: Member) -> None:
+    """Wait until the supervisor has taken every request posted so far."""
+    await wait_until(lambda: m._send_request.statistics().current_buffer_used == 0)
+
+
+async def test_lifetime_resyncs_asked_while_the_member_waits_register_once(
+    tmp_path: Path,
+) -> None:
+    # The lifetime watch asks every few seconds, also while a failover waits for
+    # a node: once one is back, a single registration answers them all.
+    async with running_cluster(tmp_path) as cluster, member(cluster, "m1") as m:
+        for _ in range(5):
+            m._ask_resync("TEK about to expire without a successor")
+        await _drained(m)
+        await wait_until(lambda: m.stats.registrations == 2)
+        await _drained(m)
+        assert m.stats.resyncs == 1
+        assert m.stats.registrations == 2
+
+
+async def test_a_lost_connection_already_replaced_by_a_resync_is_no_failover(
+    tmp_path: Path,
+) -> None:
+    # The old connection of a resync at the same node ends while the new one
+    # registers: the push reader's report names the old session, not the node.
+    async with running_cluster(tmp_path) as cluster, member(cluster, "m1") as m:
+        home, old = m.node, m._session
+        assert old is not None
+        m._ask_resync("test")
+        await wait_until(lambda: m.stats.registrations == 2)
+        assert m.node == home
+        assert m._session is not old
+        m._post(_Request(_Kind.LOST, node=old.node_id, reason="dropped", session=old))
+        m._ask_resync("served after the report: a failover, if any, came first")
+        await wait_until(lambda: m.stats.registrations == 3)
+        assert m.stats.failovers == 0
+        assert m.node == home
+
+
+async def test_failover_without_probe_answers_retries_nodes_that_failed_before(
+    tmp_path: Path,
+) -> None:
+    # A firewalled probe port: no node ever answers a probe, so no failed mark
+    # is cleared by one. n1 fails (its link cut), the member moves to n2; n1's
+    # link heals, n2 stops: with every known node marked failed, the member
+    # must try them again rather than none for good.
+    async with running_cluster(tmp_path) as cluster, contextlib.AsyncExitStack() as stack:
+        kit = cluster.kit
+        link = await stack.enter_async_context(
+            FaultProxy((LOOPBACK, 0), (LOOPBACK, kit.ports["n1"]["member"]), "tcp")
+        )
+        dead = free_ports(2)
+        nodes = {
+            "n1": ("{}:{}".format(*link.address), f"{LOOPBACK}:{dead[0]}"),
+            "n2": (f"{LOOPBACK}:{kit.ports['n2']['member']}", f"{LOOPBACK}:{dead[1]}"),
+        }
+        m = await stack.enter_async_context(member(cluster, "m1", nodes=nodes))
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        log = EventLog(m)
+        nursery.start_soon(log.collect)
+        assert m.node == "n1", "no RTT known: the first node by id"
+        link.partition(cut=True)
+        await log.wait_for(lambda: len(log.of("failover")) == 1, timeout_s=30)
+        assert m.node == "n2"
+        link.heal()
+        cluster.stop("n2")
+        await log.wait_for(lambda: len(log.of("failover")) == 2, timeout_s=30)
+        assert m.node == "n1"
+        nursery.cancel_scope.cancel()

@@ -285,6 +285,39 @@ def test_all_failed_gives_none_and_clears_current() -> None:
     assert choice.node_id == "b"
 
 
+def test_with_no_probe_answers_clearing_the_failed_marks_tries_every_node_again() -> None:
+    # A firewalled probe port: no mark is ever cleared by an answer.
+    ranking = Ranking(nodes=["a", "b"])
+    feed(ranking, 0.0, a=None, b=None)
+    assert ranking.next_after_failure("a") is not None
+    assert ranking.next_after_failure("b") is None
+    feed(ranking, 1.0, a=None, b=None)
+    assert ranking.choose_initial() is None
+    ranking.clear_failed()
+    choice = ranking.choose_initial()
+    assert choice is not None
+    assert choice.node_id == "a"
+
+
+def test_a_failed_switch_keeps_comparing_against_the_node_the_member_is_at() -> None:
+    ranking = Ranking(RankingConfig(window=1, holddown_s=0.0), nodes=["a", "b", "c"])
+    feed(ranking, 0.0, a=10.0, b=50.0, c=60.0)
+    initial = ranking.choose_initial()
+    assert initial is not None
+    assert initial.node_id == "a"
+    assert round_of(ranking, 1.0, a=10.0, b=5.0, c=6.0) is None
+    switch = round_of(ranking, 2.0, a=10.0, b=5.0, c=6.0)
+    assert switch is not None
+    assert switch.node_id == "b"
+    ranking.stay("a", failed="b")  # b could not be reached: still at a
+    assert ranking.current == "a"
+    assert ranking.failed == {"b"}
+    assert round_of(ranking, 3.0, a=10.0, b=None, c=6.0) is None
+    choice = round_of(ranking, 4.0, a=10.0, b=None, c=6.0)
+    assert choice is not None
+    assert choice.node_id == "c", "c is clearly faster than a, where the member is"
+
+
 def test_failover_tries_silent_nodes_as_last_resort() -> None:
     ranking = Ranking(nodes=["z"])
     feed(ranking, 0.0, a=1.0)
