@@ -92,6 +92,8 @@ _FATAL_REFUSALS: Final = frozenset(
 # How often TEK/KEK lifetimes are checked against `rekey.resync_margin_ms`:
 # a local computation, no network wait.
 _EXPIRY_CHECK_S: Final = 1.0
+_MULTICAST_RETRY_S: Final = 5.0  # first wait to join the group again, doubling ...
+_MULTICAST_RETRY_MAX_S: Final = 60.0  # ... up to this (one warning a minute at most)
 _EVENT_BUFFER: Final = 10_000
 # Rekey datagrams held while a (re-)registration is in flight, then replayed
 # against the keys it brings: a message that overtakes the answer is not lost.
@@ -379,16 +381,27 @@ class Member:
 
     async def _read_multicast(self, endpoint: MulticastEndpoint, scope: trio.CancelScope) -> None:
         with scope:
-            try:
-                sock = await open_multicast_socket(
-                    str(endpoint.address),
-                    endpoint.port,
-                    self.config.rekey.multicast_interface,
-                    self.config.rekey.multicast_interface6,
-                )
-            except DatagramError as exc:
-                log.warning("no multicast rekeys (unicast pushes only): %s", exc)
-                return
+            # An interface that is not up yet (a pod's network still coming up)
+            # must not leave the member on pushes for good: try again, less often.
+            delay = _MULTICAST_RETRY_S
+            while True:
+                try:
+                    sock = await open_multicast_socket(
+                        str(endpoint.address),
+                        endpoint.port,
+                        self.config.rekey.multicast_interface,
+                        self.config.rekey.multicast_interface6,
+                    )
+                    break
+                except DatagramError as exc:
+                    log.warning(
+                        "no multicast rekeys for now (unicast pushes only), "
+                        "trying again in %.0f s: %s",
+                        delay,
+                        exc,
+                    )
+                await trio.sleep(delay)
+                delay = min(2 * delay, _MULTICAST_RETRY_MAX_S)
             with sock:
                 while True:
                     try:

@@ -18,12 +18,13 @@ from pathlib import Path
 import pytest
 import trio
 
+import gcks.member.member as member_module
 from gcks.cluster.commands import DeleteGroup, LeaveReason, encode_command
 from gcks.cluster.config import load_config
 from gcks.cluster.node import Node
 from gcks.cluster.probe import ProbeResponder
 from gcks.member.config import load_member_config
-from gcks.member.datagram import Receiver, data_endpoint, open_multicast_socket
+from gcks.member.datagram import DatagramError, Receiver, data_endpoint, open_multicast_socket
 from gcks.member.member import Event, Member, MemberError, _Kind, _Request, wall_clock_ms
 from gcks.member.ranking import RankingConfig
 from gcks.proto.errors import ProtocolError, ReplayError
@@ -654,3 +655,29 @@ async def test_failover_without_probe_answers_retries_nodes_that_failed_before(
         await log.wait_for(lambda: len(log.of("failover")) == 2, timeout_s=30)
         assert m.node == "n1"
         nursery.cancel_scope.cancel()
+
+
+async def test_a_multicast_group_that_cannot_be_joined_at_first_is_joined_later(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The interface is not up yet when the member starts: it lives on pushes,
+    # then takes multicast copies once a later attempt joins the group.
+    attempts: list[str] = []
+
+    async def not_yet_then_open(*args: str) -> trio.socket.SocketType:
+        attempts.append(args[0])
+        if len(attempts) < 3:
+            raise DatagramError("no such interface (yet)")
+        return await open_multicast_socket(*args)
+
+    monkeypatch.setattr(member_module, "open_multicast_socket", not_yet_then_open)
+    monkeypatch.setattr(member_module, "_MULTICAST_RETRY_S", 0.05)
+    async with running_cluster(tmp_path) as cluster, member(cluster, "m1") as m:
+        await wait_until(lambda: len(attempts) == 3)
+        sources: list[str] = []
+        with trio.fail_after(20):
+            while member_module.MULTICAST not in sources:
+                await cluster.force_rekey()
+                target = cluster.msg_id()
+                await wait_until(lambda: m.gsa.msg_id >= target)
+                sources = [str(e.get("node")) for e in list(m._events)]
