@@ -293,7 +293,22 @@ class Prober:
         return RoundResult(rtts, endpoints, tuple(silent))
 
 
-def open_probe_socket(family: int = trio.socket.AF_INET) -> trio.socket.SocketType:
-    """A UDP socket for probes (bind happens on first send, to an ephemeral port).
-    The caller closes it (`with open_probe_socket() as sock:`)."""
-    return trio.socket.socket(family, trio.socket.SOCK_DGRAM)
+def open_probe_socket() -> trio.socket.SocketType:
+    """A UDP socket for probes to IPv4 and IPv6 nodes alike (bind happens on
+    first send, to an ephemeral port). The caller closes it
+    (`with open_probe_socket() as sock:`).
+
+    Dual-stack IPv6 where the host has IPv6: IPv4 nodes are reached through
+    v4-mapped addresses (trio resolves with AI_V4MAPPED), so one socket and one
+    receive loop serve a mixed address book. Plain IPv4 where the host has no
+    IPv6 (`ipv6.disable=1`) or cannot turn IPV6_V6ONLY off."""
+    try:
+        sock = trio.socket.socket(trio.socket.AF_INET6, trio.socket.SOCK_DGRAM)
+    except OSError:
+        return trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    try:
+        sock.setsockopt(trio.socket.IPPROTO_IPV6, trio.socket.IPV6_V6ONLY, 0)
+    except OSError:
+        sock.close()
+        return trio.socket.socket(trio.socket.AF_INET, trio.socket.SOCK_DGRAM)
+    return sock

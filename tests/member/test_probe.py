@@ -8,6 +8,7 @@ prober against the real responder."""
 from __future__ import annotations
 
 import logging
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -402,6 +403,52 @@ async def test_real_prober_measures_real_responder_on_loopback() -> None:
     assert prober.counters.answered == 3
     assert responder.counters.answered == 3
     assert responder.counters.malformed == 1
+
+
+def _host_has_ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+            sock.bind(("::1", 0))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not _host_has_ipv6_loopback(), reason="this host has no IPv6 loopback")
+async def test_one_probe_socket_reaches_ipv4_and_ipv6_nodes() -> None:
+    """A mixed address book: one node on 127.0.0.1, one on ::1, both answer
+    every probe of one round over the member's one socket."""
+    responders = {"v4": ProbeResponder("v4"), "v6": ProbeResponder("v6")}
+    ranking = Ranking()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            v4_host, v4_port = await nursery.start(responders["v4"].serve, "127.0.0.1", 0)
+            v6_host, v6_port = await nursery.start(responders["v6"].serve, "::1", 0)
+            candidates = [
+                Candidate("127.0.0.1:1", f"{v4_host}:{v4_port}", "v4"),
+                Candidate("[::1]:1", f"[{v6_host}]:{v6_port}", "v6"),
+            ]
+            with open_probe_socket() as sock:
+                prober = Prober(sock, ProbeConfig(timeout_s=2.0, spacing_s=0.0))
+                await prober.probe_round(candidates, ranking)
+            nursery.cancel_scope.cancel()
+    assert prober.counters.answered == 6
+    assert prober.counters.send_errors == 0
+    assert responders["v4"].counters.answered == 3
+    assert responders["v6"].counters.answered == 3
+
+
+async def test_probe_socket_is_ipv4_on_a_host_without_ipv6(monkeypatch: pytest.MonkeyPatch) -> None:
+    real_socket = trio.socket.socket
+
+    def no_ipv6(family: int = socket.AF_INET, *args: Any, **kwargs: Any) -> Any:
+        if family == socket.AF_INET6:
+            raise OSError(97, "Address family not supported by protocol")
+        return real_socket(family, *args, **kwargs)
+
+    monkeypatch.setattr(trio.socket, "socket", no_ipv6)
+    with open_probe_socket() as sock:
+        assert sock.family == socket.AF_INET
 
 
 async def test_nearest_node_chosen_through_delaying_proxies() -> None:
