@@ -1,7 +1,9 @@
 """Where the member finds GCKS nodes: a static list, or a DNS name.
 
 - Static: the configured `NodeEndpoint`s (node id, registration address, probe
-  address), as given; the list in a GSA answer can replace it later.
+  address), as given, plus the nodes the cluster's own address book (sent in
+  every GSA answer) names that the configuration does not: a node added to the
+  cluster later is found without touching every member's configuration.
 - DNS: a name with one address record per node, as a Kubernetes headless
   service gives for a StatefulSet. Every address becomes a `Candidate` with the
   configured member and probe ports and no node id: the id is learned from that
@@ -116,7 +118,8 @@ class Discovery:
         self._resolver = resolver
         self.resolutions = 0  # successful DNS resolutions
         self.failures = 0  # failed DNS resolutions
-        self._candidates = tuple(self._static_candidates(static))
+        self._configured = tuple(self._static_candidates(static))
+        self._candidates = self._configured
 
     @classmethod
     def static(cls, endpoints: Sequence[NodeEndpoint]) -> Discovery:
@@ -152,6 +155,26 @@ class Discovery:
                 Candidate(endpoint.member_addr, endpoint.probe_addr, endpoint.node_id)
             )
         return candidates
+
+    def learn(self, book: Sequence[NodeEndpoint]) -> bool:
+        """Take the cluster's address book from a GSA answer (static lists only;
+        DNS stays the source of truth). Nodes it names that the configuration
+        does not are added; nodes learned earlier that it no longer names are
+        dropped. Configured nodes always stay, at their configured addresses: a
+        member may reach a node by another address than the cluster's book
+        gives. Returns whether the candidates changed."""
+        if self._dns is not None:
+            return False
+        configured = {candidate.node_id for candidate in self._configured}
+        learned = [
+            Candidate(endpoint.member_addr, endpoint.probe_addr, endpoint.node_id)
+            for endpoint in book
+            if endpoint.node_id not in configured
+        ]
+        candidates = (*self._configured, *learned)[:MAX_NODES]
+        changed = candidates != self._candidates
+        self._candidates = candidates
+        return changed
 
     async def refresh(self) -> tuple[Candidate, ...]:
         """Re-resolve (DNS) and return the candidates. Raises `DiscoveryError` on

@@ -428,8 +428,8 @@ class Member:
                 candidates = await self._refresh_candidates()
             result = await self._prober.probe_round(candidates, self.ranking)
         self._endpoints.update(result.endpoints)
-        if self.config.discovery is not None:
-            self.ranking.set_nodes(result.endpoints)
+        # Nodes that DNS or the cluster's address book no longer name are forgotten.
+        self.ranking.set_nodes(result.endpoints)
 
     async def _refresh_candidates(self) -> tuple[Candidate, ...]:
         try:
@@ -682,6 +682,12 @@ class Member:
             raise
         await self._replace_session(session)
         self._keys = keys
+        if self._discovery.learn(answer.nodes):
+            # Probed from the next round on, like any other node.
+            log.info(
+                "the cluster's address book changed the candidates: %s",
+                ", ".join(str(c.node_id) for c in self._discovery.candidates),
+            )
         self.stats.registrations += 1
         self._emit(
             {

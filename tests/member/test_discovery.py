@@ -53,6 +53,31 @@ async def test_static_list_gives_candidates_with_known_ids() -> None:
     )
 
 
+def test_static_list_learns_nodes_from_the_clusters_address_book() -> None:
+    configured = Candidate("10.0.0.1:7400", "10.0.0.1:7401", "n1")
+    discovery = Discovery.static([NodeEndpoint("n1", "10.0.0.1:7400", "10.0.0.1:7401")])
+    book = [NodeEndpoint("n1", "n1.internal:1", "n1.internal:2"), NodeEndpoint("n4", "d:1", "d:2")]
+    assert discovery.learn(book)
+    # A configured node keeps the address this member reaches it by.
+    assert discovery.candidates == (configured, Candidate("d:1", "d:2", "n4"))
+    assert not discovery.learn(book)
+    # A node the book no longer names is dropped again; a configured one never is.
+    assert discovery.learn([NodeEndpoint("n5", "e:1", "e:2")])
+    assert discovery.candidates == (configured, Candidate("e:1", "e:2", "n5"))
+    assert discovery.learn([])
+    assert discovery.candidates == (configured,)
+
+
+async def test_a_dns_list_learns_nothing_from_an_address_book() -> None:
+    async def resolver(name: str) -> list[str]:
+        return ["10.0.0.1"]
+
+    discovery = Discovery.dns(DNS, resolver)
+    before = await discovery.refresh()
+    assert not discovery.learn([NodeEndpoint("n4", "d:1", "d:2")])
+    assert discovery.candidates == before
+
+
 def test_static_list_rejects_bad_address_and_duplicate_id() -> None:
     with pytest.raises(ValueError, match="n1"):
         Discovery.static([NodeEndpoint("n1", "no-port", "a:2")])

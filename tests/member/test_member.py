@@ -586,6 +586,28 @@ async def test_member_found_by_dns_learns_node_ids_from_probes_and_registers_wit
         await wait_until(lambda: m.gsa.msg_id == cluster.msg_id())
 
 
+async def test_a_member_with_a_static_list_learns_a_node_from_the_clusters_address_book(
+    tmp_path: Path,
+) -> None:
+    """Configured with n1 only: the GSA answer's address book names n2 and n3,
+    the next probe round measures them, and when n1 stops the member fails
+    over to one of them instead of having nowhere to go."""
+    async with running_cluster(tmp_path) as cluster, contextlib.AsyncExitStack() as stack:
+        kit = cluster.kit
+        nodes = {
+            "n1": (f"{LOOPBACK}:{kit.ports['n1']['member']}", "{}:{}".format(*cluster.probes["n1"]))
+        }
+        m = await stack.enter_async_context(
+            member(cluster, "m1", nodes=nodes, probe_interval_s=1.0)
+        )
+        assert m.node == "n1"
+        await wait_until(lambda: all(m.ranking.median_ms(n) is not None for n in ("n2", "n3")))
+        cluster.stop("n1")
+        await wait_until(lambda: m.node in {"n2", "n3"} and m.stats.failovers == 1, timeout_s=30)
+        await cluster.force_rekey()
+        await wait_until(lambda: m.gsa.msg_id == cluster.msg_id())
+
+
 async def _drained(m: Member) -> None:
     """Wait until the supervisor has taken every request posted so far."""
     await wait_until(lambda: m._send_request.statistics().current_buffer_used == 0)
@@ -637,10 +659,12 @@ async def test_failover_without_probe_answers_retries_nodes_that_failed_before(
         link = await stack.enter_async_context(
             FaultProxy((LOOPBACK, 0), (LOOPBACK, kit.ports["n1"]["member"]), "tcp")
         )
-        dead = free_ports(2)
+        dead = free_ports(4)
         nodes = {
             "n1": ("{}:{}".format(*link.address), f"{LOOPBACK}:{dead[0]}"),
             "n2": (f"{LOOPBACK}:{kit.ports['n2']['member']}", f"{LOOPBACK}:{dead[1]}"),
+            # Listed, so not learned from the address book: n1 and n2 are all it can reach.
+            "n3": (f"{LOOPBACK}:{dead[2]}", f"{LOOPBACK}:{dead[3]}"),
         }
         m = await stack.enter_async_context(member(cluster, "m1", nodes=nodes))
         nursery = await stack.enter_async_context(trio.open_nursery())
