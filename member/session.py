@@ -97,16 +97,15 @@ class Session:
         timeout_s: float,
     ) -> GsaAnswer:
         request_id = next(self._ids)
-        await self._send(RegisterRequest(group, role, last_msg_id, request_id, sender_key))
-        answer = await self._answer(request_id, timeout_s)
+        request = RegisterRequest(group, role, last_msg_id, request_id, sender_key)
+        answer = await self._request(request, request_id, timeout_s)
         if not isinstance(answer, GsaAnswer):
             raise SessionError(f"unexpected answer {type(answer).__name__} to a registration")
         return answer
 
     async def deregister(self, group: str, *, timeout_s: float) -> None:
         request_id = next(self._ids)
-        await self._send(DeregisterRequest(request_id, group))
-        answer = await self._answer(request_id, timeout_s)
+        answer = await self._request(DeregisterRequest(request_id, group), request_id, timeout_s)
         if not isinstance(answer, DeregisterAnswer):
             raise SessionError(f"unexpected answer {type(answer).__name__} to a deregistration")
 
@@ -121,29 +120,35 @@ class Session:
             if isinstance(message, RekeyPush):
                 yield message.datagram
 
+    async def _request(self, message: Message, request_id: int, timeout_s: float) -> Message:
+        # One deadline over the send too: a node that stops reading (a full
+        # TCP window) must not hold a failover, or a member leaving, for good.
+        try:
+            with trio.fail_after(timeout_s):
+                await self._send(message)
+                return await self._answer(request_id)
+        except trio.TooSlowError:
+            raise SessionError(f"no answer from {self.node_id} within {timeout_s:.1f} s") from None
+
     async def _send(self, message: Message) -> None:
         try:
             await self._stream.send_all(encode_frame(message.encode()))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise SessionError(f"connection to {self.node_id} lost") from exc
 
-    async def _answer(self, request_id: int, timeout_s: float) -> Message:
-        try:
-            with trio.fail_after(timeout_s):
-                while True:
-                    message = await self._receive()
-                    if message is None:
-                        raise SessionError(f"node {self.node_id} closed the connection")
-                    if isinstance(message, RekeyPush):
-                        self._pushes.append(message.datagram)
-                        continue
-                    if getattr(message, "request_id", None) != request_id:
-                        raise SessionError(f"node {self.node_id} answered another request")
-                    if isinstance(message, ErrorAnswer):
-                        raise Refused(message)
-                    return message
-        except trio.TooSlowError:
-            raise SessionError(f"no answer from {self.node_id} within {timeout_s:.1f} s") from None
+    async def _answer(self, request_id: int) -> Message:
+        while True:
+            message = await self._receive()
+            if message is None:
+                raise SessionError(f"node {self.node_id} closed the connection")
+            if isinstance(message, RekeyPush):
+                self._pushes.append(message.datagram)
+                continue
+            if getattr(message, "request_id", None) != request_id:
+                raise SessionError(f"node {self.node_id} answered another request")
+            if isinstance(message, ErrorAnswer):
+                raise Refused(message)
+            return message
 
     async def _receive(self) -> Message | None:
         while True:

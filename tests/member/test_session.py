@@ -41,6 +41,25 @@ async def test_a_frame_header_past_the_limit_in_a_push_is_a_session_error() -> N
             pass
 
 
+async def test_a_node_that_reads_nothing_cannot_hold_a_registration_past_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A lockstep stream: send_all waits until the far end reads, which it never does.
+    client, _node = trio.testing.lockstep_stream_pair()
+    session = Session(client, "n1")  # type: ignore[arg-type]  # only send/receive are used
+    with trio.fail_after(60), pytest.raises(SessionError, match=r"no answer from n1 within 5\.0 s"):
+        await session.register("demo", Role.RECEIVER, last_msg_id=0, sender_key=None, timeout_s=5)
+
+
+async def test_a_node_that_reads_nothing_cannot_hold_a_deregistration_past_its_deadline(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client, _node = trio.testing.lockstep_stream_pair()
+    session = Session(client, "n1")  # type: ignore[arg-type]
+    with trio.fail_after(60), pytest.raises(SessionError, match=r"no answer from n1 within 5\.0 s"):
+        await session.deregister("demo", timeout_s=5)
+
+
 async def test_a_node_with_the_wrong_identity_is_hung_up_on_at_once(tmp_path: Path) -> None:
     layout = pki.pki_init(tmp_path, nodes=["n1"], members=["m1"], admins=[])
     crt, key = pki.cert_paths(layout.directory, CertRole.NODE, "n1")
