@@ -70,6 +70,11 @@ class MemberProc:
         raise DemoFailed(f"{self.name}: the expected event did not come in {timeout_s:.0f} s")
 
 
+def _tek(event: Event) -> str:
+    # A joiner's first TEK waits for its activation time, so receivers learn it first.
+    return str(event["tek"]) if event["tek"] is not None else "not active yet"
+
+
 def is_event(kind: str) -> Callable[[Event], bool]:
     return lambda event: event.get("event") == kind
 
@@ -137,13 +142,13 @@ class Demo:
             rtts = ", ".join(f"{n} {ms:.2f} ms" for n, ms in sorted(event["rtt_ms"].items()))
             self.say(
                 f"  {name} registered with {event['node']} (RTT {rtts}); "
-                f"message {event['msg_id']}, KEK {event['kek']}, TEK {event['tek']}"
+                f"message {event['msg_id']}, KEK {event['kek']}, TEK {_tek(event)}"
             )
         elif kind == "rekey":
             self.rekeys.add(int(event["msg_id"]))
             self.say(
                 f"  {name} accepted rekey {event['msg_id']} via {event['node']}: "
-                f"KEK {event['kek']}, TEK {event['tek']}"
+                f"KEK {event['kek']}, TEK {_tek(event)}"
             )
         elif kind == "failover":
             self.failovers += 1
