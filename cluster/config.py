@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Final, TypeVar
 
 from gcks.cluster import tls
+from gcks.cluster.raft.storage import load_storage_key
+from gcks.cluster.raft.storage_errors import StorageKeyError
 from gcks.proto.errors import PolicyError
 from gcks.proto.identity import Identity, Role, is_valid_id
 from gcks.proto.policy import GroupPolicy
@@ -499,23 +501,22 @@ class _Validator:
     # -- structured values ----------------------------------------------------
 
     def _storage_key(self) -> bytes:
-        if (hex_key := self._environ.get(STORAGE_KEY_ENV)) is not None:
-            return _decode_storage_key(STORAGE_KEY_ENV, hex_key, "the environment variable")
+        # The environment variable, when set, wins over the file: a Secret
+        # mounted as a variable needs no file on disk.
+        env_value = self._environ.get(STORAGE_KEY_ENV)
+        if env_value is not None:
+            try:
+                return load_storage_key(None, env_value)
+            except StorageKeyError as exc:
+                raise ConfigError(STORAGE_KEY_ENV, str(exc)) from None
         if "storage_key_file" not in self._values:
             raise ConfigError(
                 "storage_key_file", f"required (or the key itself in {STORAGE_KEY_ENV})"
             )
-        path = self._path("storage_key_file")
         try:
-            with path.open("rb") as key_file:
-                raw = key_file.read(1024)
-        except OSError as exc:
-            raise ConfigError("storage_key_file", f"cannot read {path}: {exc.strerror}") from None
-        try:
-            text = raw.decode("ascii")
-        except UnicodeDecodeError:
-            raise ConfigError("storage_key_file", f"{path} is not hex text") from None
-        return _decode_storage_key("storage_key_file", text, str(path))
+            return load_storage_key(self._path("storage_key_file"), None)
+        except StorageKeyError as exc:
+            raise ConfigError("storage_key_file", str(exc)) from None
 
     def _peer_table(self, node_id: str) -> dict[str, PeerEntry]:
         if self._peers is None:
@@ -588,16 +589,6 @@ def _check_tls(config: NodeConfig) -> None:
         raise ConfigError(
             "tls.cert", f"{files.cert} is the certificate of {identity}, not of {expected}"
         )
-
-
-def _decode_storage_key(key: str, text: str, source: str) -> bytes:
-    try:
-        value = bytes.fromhex(text.strip())
-    except ValueError:
-        raise ConfigError(key, f"{source} must hold {2 * STORAGE_KEY_BYTES} hex digits") from None
-    if len(value) != STORAGE_KEY_BYTES:
-        raise ConfigError(key, f"{source} must hold {2 * STORAGE_KEY_BYTES} hex digits")
-    return value
 
 
 def _text(value: object) -> str:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
+import logging
 import stat
 from dataclasses import fields
 from pathlib import Path
@@ -339,6 +341,22 @@ def test_storage_key_files_hold_64_hex_digits_and_are_made_mode_0600(
     with pytest.raises(ConfigError, match="64 hex digits") as caught:
         _load(tmp_path, document)
     assert caught.value.key == "storage_key_file"
+
+
+def test_a_storage_key_file_may_hold_base64_and_a_readable_one_is_warned_about(
+    pki_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    key = bytes(range(32))
+    path = tmp_path / "b64.key"
+    path.write_text(base64.b64encode(key).decode() + "\n")
+    path.chmod(0o644)
+    document = _document(pki_dir)
+    document["storage_key_file"] = str(path)
+    with caplog.at_level(logging.WARNING):
+        config = _load(tmp_path, document)
+    assert config.storage_key == key
+    assert "make it 0600" in caplog.text
+    assert key.hex() not in caplog.text
 
 
 def test_syntax_errors_and_unreadable_files_are_config_errors(tmp_path: Path) -> None:
