@@ -83,9 +83,14 @@ class Identity:
             san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
         except x509.ExtensionNotFound:
             raise IdentityError("certificate has no subjectAltName") from None
-        except ValueError as exc:
-            # cryptography parses extensions lazily and reports malformed ones as ValueError.
-            raise IdentityError(f"certificate extensions are malformed: {exc}") from None
+        except Exception as exc:
+            # cryptography parses extensions lazily: malformed ones raise ValueError,
+            # and names it cannot represent (x400Address, ediPartyName) raise
+            # UnsupportedGeneralNameType, which is not one. A certificate OpenSSL
+            # accepted must never take the listener down with it.
+            raise IdentityError(
+                f"certificate extensions cannot be read: {type(exc).__name__}"
+            ) from None
         uris = [
             uri
             for uri in san.value.get_values_for_type(x509.UniformResourceIdentifier)
@@ -104,7 +109,7 @@ class Identity:
             raise IdentityError("peer presented no certificate")
         try:
             cert = x509.load_der_x509_certificate(der)
-        except ValueError:
+        except Exception:  # the peer's bytes: one typed error, whatever the parser raises
             raise IdentityError("peer certificate is not valid DER X.509") from None
         return cls.from_certificate(cert)
 

@@ -274,6 +274,90 @@ def test_a_certificate_without_subject_alt_name_has_no_identity() -> None:
         Identity.from_certificate(_cert_with_uris(san=False))
 
 
+def _der(tag: int, body: bytes) -> bytes:
+    """One DER element (short or long length form)."""
+    if len(body) < 128:
+        return bytes([tag, len(body)]) + body
+    size = len(body).to_bytes((len(body).bit_length() + 7) // 8, "big")
+    return bytes([tag, 0x80 | len(size)]) + size + body
+
+
+# A subjectAltName with the member's URI and one name cryptography cannot
+# represent: parsing it raises UnsupportedGeneralNameType, not ValueError.
+_X400_ADDRESS = _der(0xA3, _der(0x30, b""))
+_EDI_PARTY_NAME = _der(0xA5, _der(0xA1, _der(0x0C, b"x")))
+
+
+def _member_cert_with_odd_name(
+    layout: pki.PkiLayout, directory: Path, odd_name: bytes
+) -> ssl.SSLContext:
+    """A member client context whose certificate the member CA signed, OpenSSL
+    accepts, and whose subjectAltName also holds `odd_name`."""
+    ca = layout.member_ca
+    san = _der(0x30, _der(0x86, b"urn:gcks:member:m1") + odd_name)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "member:m1")]))
+        .issuer_name(ca.certificate.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+            critical=True,
+        )
+        .add_extension(
+            x509.ExtendedKeyUsage([x509.ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(
+            x509.UnrecognizedExtension(x509.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, san),
+            critical=False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
+            critical=False,
+        )
+        .sign(ca.key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "odd.crt", directory / "odd.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    # Built by hand: the member library refuses such a certificate as its own.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_verify_locations(cafile=str(_cluster_ca(layout)))
+    context.load_cert_chain(str(cert_path), str(key_path))
+    return context
+
+
+@pytest.mark.parametrize(
+    "odd_name", [_X400_ADDRESS, _EDI_PARTY_NAME], ids=["x400Address", "ediPartyName"]
+)
+async def test_a_name_the_parser_cannot_represent_is_an_identity_error_not_a_crash(
+    layout: pki.PkiLayout, tmp_path: Path, odd_name: bytes
+) -> None:
+    # OpenSSL verifies the chain, so this reaches the role check of every
+    # listener; an exception other than IdentityError there ended the node.
+    server, _ = await handshake(
+        _member_server(layout), _member_cert_with_odd_name(layout, tmp_path, odd_name)
+    )
+    assert server is not None
+    with pytest.raises(IdentityError, match="extensions cannot be read"):
+        tls.verify_peer(server, Role.MEMBER)
+
+
 @pytest.mark.parametrize("der", [None, b"", b"\x30\x03\x02\x01\x00", b"garbage"])
 def test_bad_der_is_one_typed_error(der: bytes | None) -> None:
     with pytest.raises(IdentityError):
