@@ -56,7 +56,7 @@ from gcks.proto.messages import (
     RekeyPush,
     decode_message,
 )
-from gcks.proto.policy import Role
+from gcks.proto.policy import GroupPolicy, Role
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,9 @@ REFUSAL_WARNING_INTERVAL_S = 10.0
 @dataclass(frozen=True, slots=True)
 class RegistrarSettings:
     handshake_timeout_s: float = 5.0
-    request_timeout_s: float = 15.0  # batch interval + commit; then NO_QUORUM
+    # After the group's batch interval (a join waits for its batch), the time a
+    # commit may take; then NO_QUORUM.
+    request_timeout_s: float = 15.0
     push_queue: int = 256  # pushes buffered per member before it is cut off (it resyncs)
     max_connections: int = 100_000  # open member connections; more are closed unanswered
     write_timeout_s: float = 10.0  # a member that reads nothing for this long is cut off
@@ -434,7 +436,7 @@ class Registrar:
         if newly_attached:
             self._pending[key].add(link)
         try:
-            with trio.fail_after(self._settings.request_timeout_s):
+            with trio.fail_after(self._deadline_s(policy)):
                 result = await self._rekeyer.join(req.group, member_id, req.role, req.sender_key)
             # Only the apply of this request's own batch answers it: an older
             # entry that joined the same member (a node catching up) may have
@@ -472,6 +474,12 @@ class Registrar:
         )
         return dataclasses.replace(answer, request_id=req.request_id)
 
+    def _deadline_s(self, policy: GroupPolicy) -> float:
+        # A policy may batch for minutes (up to 600 s): a fixed deadline shorter
+        # than its interval would refuse every request, and each retry would
+        # only make another batch.
+        return policy.batch_interval_ms / 1000 + self._settings.request_timeout_s
+
     async def _deregister(
         self, link: _MemberLink, req: DeregisterRequest
     ) -> DeregisterAnswer | ErrorAnswer:
@@ -479,7 +487,7 @@ class Registrar:
         if not state.is_member(req.group, link.member_id):
             return ErrorAnswer(req.request_id, ErrorCode.NOT_REGISTERED, "not a member")
         try:
-            with trio.fail_after(self._settings.request_timeout_s):
+            with trio.fail_after(self._deadline_s(state.policy(req.group))):
                 await self._rekeyer.leave(req.group, link.member_id, LeaveReason.DEREGISTER)
         except NotLeader as exc:
             return ErrorAnswer(

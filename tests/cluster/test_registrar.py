@@ -22,6 +22,7 @@ from gcks.cluster import pki, tls, tlslisten
 from gcks.cluster.config import Address
 from gcks.cluster.handshakes import HandshakeTurns
 from gcks.cluster.logthrottle import LogThrottle
+from gcks.cluster.raft.types import Role as RaftRole
 from gcks.cluster.registrar import (
     HANDSHAKE_TURNS,
     Registrar,
@@ -43,6 +44,8 @@ from gcks.proto.messages import (
     decode_message,
 )
 from gcks.proto.policy import Role
+from tests.cluster.test_rekeyer import _driver as _rekeyer_driver
+from tests.cluster.test_rekeyer import _rekeyer
 from tests.cluster.test_state import Cluster
 
 
@@ -389,3 +392,32 @@ async def test_a_join_skipped_at_apply_is_answered_with_why(skipped: str, code: 
     assert isinstance(answer, ErrorAnswer)
     assert (answer.request_id, answer.code) == (3, code)
     assert registrar.stats.registration_errors == 1
+
+
+async def test_a_group_that_batches_longer_than_the_commit_deadline_still_registers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 20 s between batches (policies allow up to 600 s): the deadline counts
+    # from the end of the batch, so the first request is answered and makes
+    # one rekey, instead of every retry timing out and making another.
+    driver = _rekeyer_driver(batch_interval_ms=20_000)
+    driver.status.role = RaftRole.LEADER
+    rekeyer = _rekeyer(driver)
+    registrar = Registrar(driver, rekeyer, (), None, RegistrarSettings(request_timeout_s=15.0))  # type: ignore[arg-type]
+    propose = driver.propose
+
+    async def propose_and_apply(data: bytes, timeout_s: float) -> ApplyResult:
+        result = await propose(data, timeout_s)
+        registrar.on_apply(result)
+        return result
+
+    driver.propose = propose_and_apply  # type: ignore[method-assign]
+    with trio.fail_after(120):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(rekeyer.run)
+            link = _MemberLink("m1", cast(Any, None))  # the answer is returned, not written
+            request = RegisterRequest("demo", Role.RECEIVER, last_msg_id=0, request_id=1)
+            answer = await registrar._register(link, request)
+            nursery.cancel_scope.cancel()
+    assert isinstance(answer, GsaAnswer)
+    assert len(driver.proposed) == 1
