@@ -62,6 +62,10 @@ log = logging.getLogger(__name__)
 
 _RECEIVE_CHUNK = 65536
 _COALESCE_BYTES = 256 * 1024  # queued frames joined into one write, up to about this size
+# The write deadline is per chunk of this size, so it cuts off a member that
+# reads nothing, not one that reads a large answer (a source-authenticated
+# group's GSA can be megabytes) steadily but slowly.
+_WRITE_CHUNK_BYTES = 64 * 1024
 MAX_REQUEST_FRAME = 64 * 1024  # members send small requests; answers can be large
 # Member handshake steps computing at once, oldest first. Few: between two
 # hand-overs the event loop also serves the connections already in (their
@@ -173,8 +177,10 @@ class _FrameWriter:
                     while self._queue and size < _COALESCE_BYTES:
                         frames.append(self._queue.popleft())
                         size += len(frames[-1])
-                    deadline.deadline = trio.current_time() + self._timeout_s
-                    await self._stream.send_all(frames[0] if len(frames) == 1 else b"".join(frames))
+                    data = memoryview(frames[0] if len(frames) == 1 else b"".join(frames))
+                    for start in range(0, len(data), _WRITE_CHUNK_BYTES):
+                        deadline.deadline = trio.current_time() + self._timeout_s
+                        await self._stream.send_all(data[start : start + _WRITE_CHUNK_BYTES])
             if deadline.cancelled_caught:
                 log.warning("member %s reads nothing, connection dropped", self._member_id)
                 self._fail()

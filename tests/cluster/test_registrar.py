@@ -89,6 +89,29 @@ async def test_member_that_stops_reading_is_cut_off_after_the_write_deadline(
     assert not writer.push(b"another push"), "a cut-off member gets nothing more"
 
 
+async def test_a_member_reading_a_large_answer_slowly_but_steadily_is_not_cut_off(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 2 MiB at 128 KiB/s takes 16 s, longer than the 7 s deadline, but the
+    # member never goes 7 s without reading: the deadline is per chunk.
+    client, server = trio.testing.lockstep_stream_pair()
+    answer = b"x" * (2 * 1024 * 1024)
+    received = bytearray()
+
+    async def slow_member() -> None:
+        while len(received) < len(answer):
+            received.extend(await client.receive_some(64 * 1024))
+            await trio.sleep(0.5)
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as spawn:
+            spawn.start_soon(slow_member)
+            with trio.CancelScope() as connection:
+                await _writer(server, spawn, connection).send(answer)
+    assert not connection.cancelled_caught
+    assert bytes(received) == answer
+
+
 async def test_closing_ends_a_push_write_in_progress_at_once(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
