@@ -228,6 +228,10 @@ class Registrar:
         self._context = context
         self._settings = settings
         self._attached: dict[str, set[_MemberLink]] = defaultdict(set)
+        # Open connections that have asked to register, by member id: a leave
+        # looks at that member's connections only, not at every one attached to
+        # the group (a policy update can remove 1,024 of 100,000 in one entry).
+        self._connections: dict[str, set[_MemberLink]] = defaultdict(set)
         # GSAs built at the index where the member's join applied, per (group, member).
         self._answers: dict[tuple[str, str], GsaAnswer] = {}
         self._waiting: dict[tuple[str, str], int] = defaultdict(int)
@@ -271,8 +275,8 @@ class Registrar:
                 link.groups.discard(outbound.group)
 
     def detach(self, group: str, member_id: str) -> None:
-        for link in tuple(self._attached.get(group, ())):
-            if link.member_id == member_id:
+        for link in tuple(self._connections.get(member_id, ())):
+            if group in link.groups:
                 self._unlink(link, group)
                 link.groups.discard(group)
 
@@ -367,6 +371,11 @@ class Registrar:
         """A closed connection gets no more pushes, even from a join still to apply."""
         for group in link.groups:
             self._unlink(link, group)
+        connections = self._connections.get(link.member_id)
+        if connections is not None:
+            connections.discard(link)
+            if not connections:
+                del self._connections[link.member_id]
 
     def _unlink(self, link: _MemberLink, group: str) -> None:
         # Empty sets go: a deleted group or a gone member leaves nothing behind.
@@ -439,6 +448,7 @@ class Registrar:
         # new connection is attached by `on_apply` when its GSA is built.
         newly_attached = req.group not in link.groups
         link.groups.add(req.group)
+        self._connections[member_id].add(link)
         if newly_attached:
             self._pending[key].add(link)
         try:

@@ -78,6 +78,7 @@ async def test_members_that_hung_up_leave_no_trace_in_the_registrar(tmp_path: Pa
         assert not registrar._attached
         assert not registrar._pending
         assert not registrar._waiting
+        assert not registrar._connections
         nursery.cancel_scope.cancel()
 
 
@@ -175,6 +176,37 @@ async def test_registration_goes_on_after_the_leader_stops(tmp_path: Path) -> No
                 except Exception:
                     await trio.sleep(0.1)
         assert answer.group == "demo"
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_evicted_members_connection_gets_no_more_pushes_and_the_others_still_do(
+    tmp_path: Path,
+) -> None:
+    kit = make_kit(tmp_path)
+    async with trio.open_nursery() as nursery:
+        nodes = await start_cluster(kit, nursery)
+        registrar = nodes["n1"].registrar
+        assert registrar is not None
+        sessions = [await connect(kit, member, "n1") for member in ("m1", "m2")]
+        try:
+            for session in sessions:
+                await session.register(
+                    "demo", Role.RECEIVER, last_msg_id=0, sender_key=None, timeout_s=15
+                )
+            assert registrar.attached == 2
+            await admin_call(kit, "n2", "member.evict", {"group": "demo", "member": "m2"})
+            with trio.fail_after(10):
+                while registrar.attached != 1:
+                    await trio.sleep(0.02)
+            pushes = registrar.stats.pushes
+            await register(kit, "m3", "n3")
+            with trio.fail_after(10):
+                while registrar.stats.pushes == pushes:
+                    await trio.sleep(0.02)
+            assert registrar.stats.pushes == pushes + 1, "m1 only"
+        finally:
+            for session in sessions:
+                await session.aclose()
         nursery.cancel_scope.cancel()
 
 
