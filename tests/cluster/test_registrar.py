@@ -444,3 +444,28 @@ async def test_a_group_that_batches_longer_than_the_commit_deadline_still_regist
             nursery.cancel_scope.cancel()
     assert isinstance(answer, GsaAnswer)
     assert len(driver.proposed) == 1
+
+
+async def test_member_connections_have_tcp_keepalive_so_a_vanished_member_is_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    registrar = _registrar(RegistrarSettings())
+    seen: list[tuple[int, int]] = []
+
+    async def serve_member(tcp: trio.SocketStream) -> None:
+        sock = tcp.socket
+        seen.append(
+            (
+                sock.getsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_KEEPALIVE),
+                sock.getsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_KEEPIDLE),
+            )
+        )
+
+    monkeypatch.setattr(registrar, "_serve_member", serve_member)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    with trio.fail_after(10):
+        async with await trio.open_tcp_stream("127.0.0.1", port):
+            await registrar._handle(await listeners[0].accept())
+    await listeners[0].aclose()
+    assert seen == [(1, 60)]
