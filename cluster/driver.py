@@ -79,6 +79,7 @@ class RaftDriver:
         settings: DriverSettings,
         *,
         on_apply: Applier | None = None,
+        on_install: Callable[[GroupState], None] | None = None,
         replay_until: int = 0,
         link_up: Callable[[str], bool] | None = None,
     ) -> None:
@@ -88,6 +89,10 @@ class RaftDriver:
         self._transport = transport
         self._settings = settings
         self._on_apply = on_apply
+        # A snapshot replaces the state without applying the entries it skips:
+        # whoever keeps state derived from applies (the member connections)
+        # must compare it with the new state.
+        self._on_install = on_install
         # Entries up to here were applied before a restart: re-applying them
         # rebuilds the state, but their side effects (sends) already happened.
         self._replay_until = replay_until
@@ -314,6 +319,8 @@ class RaftDriver:
         self.state.applied_index = snapshot.meta.index
         self._last_snapshot = snapshot.meta.index
         log.info("installed snapshot at index %d", snapshot.meta.index)
+        if self._on_install is not None:
+            self._on_install(state)
 
     def _apply(self, index: int, data: bytes) -> None:
         result = self.state.apply(index, data)

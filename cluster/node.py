@@ -100,6 +100,10 @@ class Node:
             for node_id, entry in sorted(self.config.peers.items())
         )
 
+    def _on_install(self, state: GroupState) -> None:
+        assert self.registrar is not None
+        self.registrar.reconcile(state)
+
     def _on_apply(self, index: int, result: ApplyResult, *, replay: bool) -> None:
         assert self.registrar is not None
         assert self.sender is not None
@@ -173,6 +177,7 @@ class Node:
                 tick_s=cfg.raft.tick_ms / 1000, snapshot_every=cfg.raft.snapshot_entries
             ),
             on_apply=self._on_apply,
+            on_install=self._on_install,
             replay_until=recovered.hard_state.commit,
             link_up=lambda peer: (
                 (stats := transport.stats.peers.get(peer)) is not None and stats.connected

@@ -40,7 +40,7 @@ from gcks.cluster.handshakes import HandshakeTurns
 from gcks.cluster.logthrottle import LogThrottle
 from gcks.cluster.raft.errors import NotLeader, RaftError
 from gcks.cluster.rekeyer import Rekeyer
-from gcks.cluster.state import ApplyResult, Outbound
+from gcks.cluster.state import ApplyResult, GroupState, Outbound
 from gcks.proto.codec import FrameDecoder, encode_frame
 from gcks.proto.errors import ProtocolError
 from gcks.proto.identity import Role as CertRole
@@ -302,6 +302,17 @@ class Registrar:
             if group in link.groups:
                 self._unlink(link, group)
                 link.groups.discard(group)
+
+    def reconcile(self, state: GroupState) -> None:
+        """After a snapshot install (no applies for the entries it skipped):
+        connections of members that left, or of groups deleted, in between
+        get no more pushes."""
+        for group, links in tuple(self._attached.items()):
+            exists = state.has_group(group)
+            for link in tuple(links):
+                if not exists or not state.is_member(group, link.member_id):
+                    self._unlink(link, group)
+                    link.groups.discard(group)
 
     @property
     def handshakes_waiting(self) -> int:

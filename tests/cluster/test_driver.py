@@ -1,4 +1,4 @@
-"""The Raft driver's handling of what a newer version sends it."""
+"""The Raft driver's handling of installed snapshots, also from a newer version."""
 
 from __future__ import annotations
 
@@ -29,3 +29,19 @@ async def test_a_snapshot_from_a_newer_version_stops_the_node_and_keeps_its_stat
     with pytest.raises(UpgradeRequired, match="snapshot written by a newer gcks"):
         await driver._install_snapshot(newer)
     assert driver.state is state
+
+
+async def test_an_installed_snapshot_is_reported_with_its_state() -> None:
+    installed: list[GroupState] = []
+    driver = RaftDriver(
+        RawNode(RaftConfig(id="n1"), conf=ConfState(voters=frozenset({"n1"}))),
+        cast(Any, None),
+        GroupState(),
+        cast(Any, None),
+        DriverSettings(tick_s=3600),
+        on_install=installed.append,
+    )
+    snapshot = Snapshot(SnapshotMeta(index=9, term=2, conf=ConfState()), GroupState().snapshot())
+    await driver._install_snapshot(snapshot)
+    assert installed == [driver.state]
+    assert driver.state.applied_index == 9

@@ -469,3 +469,19 @@ async def test_member_connections_have_tcp_keepalive_so_a_vanished_member_is_dro
             await registrar._handle(await listeners[0].accept())
     await listeners[0].aclose()
     assert seen == [(1, 60)]
+
+
+def test_after_a_snapshot_install_connections_of_members_gone_meanwhile_get_no_pushes() -> None:
+    # The snapshot skipped the leave of m2 and, on another group, its deletion:
+    # no apply ever detached them here.
+    cluster = Cluster()
+    cluster.join("m1")
+    registrar = _registrar(RegistrarSettings())
+    links = {member: _MemberLink(member, cast(Any, None)) for member in ("m1", "m2", "m3")}
+    for member, group in (("m1", "demo"), ("m2", "demo"), ("m3", "deleted")):
+        links[member].groups.add(group)
+        registrar._attached[group].add(links[member])
+        registrar._connections[member].add(links[member])
+    registrar.reconcile(cluster.state)
+    assert registrar._attached == {"demo": {links["m1"]}}
+    assert [link.groups for link in links.values()] == [{"demo"}, set(), set()]
