@@ -465,7 +465,11 @@ class Registrar:
                 link.groups.discard(req.group)
                 self._unlink(link, req.group)
             self.stats.registration_errors += 1
-            log.info("registration of %s to %s refused: %s", member_id, req.group, text)
+            # One connection may repeat a refused request as fast as it likes:
+            # one line per kind of refusal every 10 s, the rest at debug
+            # (gcks_registration_errors_total counts them all).
+            level = logging.INFO if self._refusal_warnings.ready(code) else logging.DEBUG
+            log.log(level, "registration of %s to %s refused: %s", member_id, req.group, text)
             return ErrorAnswer(req.request_id, code, text, hint)
 
         if not state.has_group(req.group):

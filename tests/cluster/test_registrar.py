@@ -485,3 +485,26 @@ def test_after_a_snapshot_install_connections_of_members_gone_meanwhile_get_no_p
     registrar.reconcile(cluster.state)
     assert registrar._attached == {"demo": {links["m1"]}}
     assert [link.groups for link in links.values()] == [{"demo"}, set(), set()]
+
+
+async def test_a_refused_request_repeated_in_a_loop_is_logged_once_and_counted_each_time(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cluster = Cluster()
+
+    class _Driver:
+        state = cluster.state
+
+    registrar = Registrar(_Driver(), None, (), None, RegistrarSettings())  # type: ignore[arg-type]
+    link = _MemberLink("m1", cast(Any, None))
+    with caplog.at_level(logging.INFO, logger="gcks.cluster.registrar"):
+        for request_id in range(50):
+            request = RegisterRequest("nope", Role.RECEIVER, last_msg_id=0, request_id=request_id)
+            answer = await registrar._register(link, request)
+            assert isinstance(answer, ErrorAnswer)
+            assert answer.code is ErrorCode.UNKNOWN_GROUP
+    assert registrar.stats.registration_errors == 50
+    infos = [r for r in caplog.records if r.levelno == logging.INFO]
+    assert [r.getMessage() for r in infos] == [
+        "registration of m1 to nope refused: no group 'nope'"
+    ]
