@@ -515,6 +515,14 @@ class Registrar:
             return error(ErrorCode.BUSY, "the join was older than the member's last leave")
         if answer is None:
             return error(ErrorCode.UNAUTHORIZED, "the join was not applied (evicted?)")
+        if link not in self._attached.get(req.group, ()):
+            # A leave of this member id (another of its connections
+            # deregistering, an eviction) applied while this request waited,
+            # and detached this connection with it.
+            if not state.is_member(req.group, member_id):
+                return error(ErrorCode.BUSY, "the member left again before its answer")
+            link.groups.add(req.group)
+            self._attached[req.group].add(link)
         self.stats.registrations += 1
         # Debug: the audit line of the entry (every node, one per batch) already
         # names each member that joined; one more line per registration made a

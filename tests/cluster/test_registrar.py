@@ -19,6 +19,7 @@ import trio
 import trio.testing
 
 from gcks.cluster import pki, tls, tlslisten
+from gcks.cluster.commands import Leave, LeaveReason
 from gcks.cluster.config import Address
 from gcks.cluster.handshakes import HandshakeTurns
 from gcks.cluster.logthrottle import LogThrottle
@@ -508,3 +509,38 @@ async def test_a_refused_request_repeated_in_a_loop_is_logged_once_and_counted_e
     assert [r.getMessage() for r in infos] == [
         "registration of m1 to nope refused: no group 'nope'"
     ]
+
+
+@pytest.mark.parametrize("still_member", [True, False])
+async def test_a_connection_detached_by_a_leave_while_its_join_waited_is_attached_or_refused(
+    still_member: bool,
+) -> None:
+    # Another connection of m1 deregisters: its leave applies between this
+    # connection's attach and its own join, and takes this connection along.
+    cluster = Cluster()
+    cluster.join("m1")
+
+    class _Driver:
+        state = cluster.state
+
+    class _LeaveThenJoin:
+        async def join(self, group: str, member_id: str, *_: object) -> ApplyResult:
+            await trio.lowlevel.checkpoint()
+            registrar.detach(group, member_id)
+            result = ApplyResult(joined=((group, member_id),))
+            registrar.on_apply(result)
+            if not still_member:
+                cluster.rekey(leaves=[Leave(member_id, LeaveReason.DEREGISTER)])
+            return result
+
+    registrar = Registrar(_Driver(), _LeaveThenJoin(), (), None, RegistrarSettings())  # type: ignore[arg-type]
+    link = _MemberLink("m1", cast(Any, None))
+    request = RegisterRequest("demo", Role.RECEIVER, last_msg_id=0, request_id=5)
+    answer = await registrar._register(link, request)
+    if still_member:
+        assert isinstance(answer, GsaAnswer)
+        assert registrar._attached["demo"] == {link}, "it gets the pushes that follow"
+    else:
+        assert isinstance(answer, ErrorAnswer)
+        assert answer.code is ErrorCode.BUSY, "the member registers again"
+        assert not registrar._attached
