@@ -32,7 +32,7 @@ from typing import Any
 
 import trio
 
-from gcks.cluster import tlslisten
+from gcks.cluster import tls, tlslisten
 from gcks.cluster.commands import LeaveReason
 from gcks.cluster.config import Address
 from gcks.cluster.driver import NoQuorum, RaftDriver
@@ -42,7 +42,8 @@ from gcks.cluster.raft.errors import NotLeader, RaftError
 from gcks.cluster.rekeyer import Rekeyer
 from gcks.cluster.state import ApplyResult, GroupState, Outbound
 from gcks.proto.codec import FrameDecoder, encode_frame
-from gcks.proto.errors import ProtocolError
+from gcks.proto.errors import IdentityError, ProtocolError
+from gcks.proto.identity import Identity
 from gcks.proto.identity import Role as CertRole
 from gcks.proto.messages import (
     DeregisterAnswer,
@@ -365,11 +366,25 @@ class Registrar:
         except tlslisten.Refused as exc:
             self._refused(remote, str(exc))
             return
+        try:
+            seconds_left = tls.peer_seconds_left(stream)
+        except IdentityError as exc:  # parsed once already by accept: not expected
+            await trio.aclose_forcefully(stream)
+            self._refused(remote, str(exc))
+            return
         log.debug("member %s connected from %s", identity.id, remote)
+        await self._serve_stream(stream, identity, seconds_left)
+
+    async def _serve_stream(
+        self, stream: trio.SSLStream[Any], identity: Identity, seconds_left: float
+    ) -> None:
         assert self._spawn is not None, "connections come only while `serve` runs"
         try:
-            # Cancelled when the member is cut off (a stalled or failed write).
-            with trio.CancelScope() as connection:
+            # Cancelled when the member is cut off (a stalled or failed write),
+            # and when its certificate expires: an open connection must not
+            # outlive the credential it was authenticated with (there is no
+            # revocation list; short-lived certificates stand in for one).
+            with trio.CancelScope(deadline=trio.current_time() + seconds_left) as connection:
                 writer = _FrameWriter(
                     stream,
                     self._spawn,
@@ -384,6 +399,8 @@ class Registrar:
                 finally:
                     writer.close()  # before the stream closes: no push writes to it
                     self._forget(link)
+            if connection.cancelled_caught and trio.current_time() >= connection.deadline:
+                log.info("member %s: certificate expired, connection closed", identity.id)
         finally:
             await trio.aclose_forcefully(stream)
             log.debug("member %s disconnected", identity.id)

@@ -34,6 +34,7 @@ from gcks.cluster.registrar import (
 from gcks.cluster.state import ApplyResult
 from gcks.member.tls import member_client_context
 from gcks.proto.codec import encode_frame
+from gcks.proto.identity import Identity
 from gcks.proto.identity import Role as CertRole
 from gcks.proto.messages import (
     MAX_SENDERS,
@@ -48,6 +49,7 @@ from gcks.proto.policy import Role
 from tests.cluster.test_rekeyer import _driver as _rekeyer_driver
 from tests.cluster.test_rekeyer import _rekeyer
 from tests.cluster.test_state import Cluster
+from tests.tlspipe import handshake
 
 
 def _registrar(settings: RegistrarSettings, root: Path | None = None) -> Registrar:
@@ -544,3 +546,37 @@ async def test_a_connection_detached_by_a_leave_while_its_join_waited_is_attache
         assert isinstance(answer, ErrorAnswer)
         assert answer.code is ErrorCode.BUSY, "the member registers again"
         assert not registrar._attached
+
+
+async def test_a_members_connection_ends_when_its_certificate_expires(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # No revocation list: an open connection must not outlive its credential,
+    # or an expired member could go on re-registering over it.
+    registrar = _registrar(RegistrarSettings())
+    member, node = trio.testing.memory_stream_pair()
+    start = trio.current_time()
+    with trio.fail_after(600):
+        async with trio.open_nursery() as spawn:
+            registrar._spawn = spawn
+            identity = Identity(CertRole.MEMBER, "m1")
+            await registrar._serve_stream(node, identity, seconds_left=300.0)  # type: ignore[arg-type]
+            assert await member.receive_some() == b"", "the node closed the connection"
+            spawn.cancel_scope.cancel()
+    assert trio.current_time() - start == pytest.approx(300.0)
+
+
+async def test_the_seconds_a_peer_certificate_has_left_are_read_from_it(tmp_path: Path) -> None:
+    layout = pki.pki_init(tmp_path, nodes=["n1"], members=["m1"], admins=[], days=30)
+    crt, key = pki.cert_paths(tmp_path, CertRole.NODE, "n1")
+    server_context = tls.member_server_context(
+        member_ca=layout.member_ca.cert_path, cert=crt, key=key
+    )
+    member_crt, member_key = pki.cert_paths(tmp_path, CertRole.MEMBER, "m1")
+    client_context = member_client_context(
+        cluster_ca=layout.cluster_ca.cert_path, cert=member_crt, key=member_key
+    )
+    server, _ = await handshake(server_context, client_context)
+    assert server is not None
+    left = tls.peer_seconds_left(server)  # type: ignore[arg-type]
+    assert 29 * 86400 < left <= 30 * 86400
