@@ -299,10 +299,13 @@ class Registrar:
                 link.groups.discard(outbound.group)
 
     def detach(self, group: str, member_id: str) -> None:
+        # A connection whose join is still to apply stays pending: that join
+        # comes after this leave in the log (another connection of the same
+        # member deregistering while this one registers).
+        pending = self._pending.get((group, member_id), ())
         for link in tuple(self._connections.get(member_id, ())):
-            if group in link.groups:
+            if group in link.groups and link not in pending:
                 self._unlink(link, group)
-                link.groups.discard(group)
 
     def reconcile(self, state: GroupState) -> None:
         """After a snapshot install (no applies for the entries it skipped):
@@ -313,7 +316,6 @@ class Registrar:
             for link in tuple(links):
                 if not exists or not state.is_member(group, link.member_id):
                     self._unlink(link, group)
-                    link.groups.discard(group)
 
     @property
     def handshakes_waiting(self) -> int:
@@ -421,7 +423,7 @@ class Registrar:
 
     def _forget(self, link: _MemberLink) -> None:
         """A closed connection gets no more pushes, even from a join still to apply."""
-        for group in link.groups:
+        for group in tuple(link.groups):
             self._unlink(link, group)
         connections = self._connections.get(link.member_id)
         if connections is not None:
@@ -431,6 +433,7 @@ class Registrar:
 
     def _unlink(self, link: _MemberLink, group: str) -> None:
         # Empty sets go: a deleted group or a gone member leaves nothing behind.
+        link.groups.discard(group)
         attached = self._attached.get(group)
         if attached is not None:
             attached.discard(link)
@@ -479,7 +482,6 @@ class Registrar:
 
         def error(code: ErrorCode, text: str, hint: str | None = None) -> ErrorAnswer:
             if newly_attached:
-                link.groups.discard(req.group)
                 self._unlink(link, req.group)
             self.stats.registration_errors += 1
             # One connection may repeat a refused request as fast as it likes:
@@ -532,14 +534,11 @@ class Registrar:
             return error(ErrorCode.BUSY, "the join was older than the member's last leave")
         if answer is None:
             return error(ErrorCode.UNAUTHORIZED, "the join was not applied (evicted?)")
-        if link not in self._attached.get(req.group, ()):
-            # A leave of this member id (another of its connections
-            # deregistering, an eviction) applied while this request waited,
-            # and detached this connection with it.
-            if not state.is_member(req.group, member_id):
-                return error(ErrorCode.BUSY, "the member left again before its answer")
-            link.groups.add(req.group)
-            self._attached[req.group].add(link)
+        if not state.is_member(req.group, member_id):
+            # It left again after its join applied (another of its connections
+            # deregistering, an eviction): the GSA is stale, and a leave's
+            # detach has already taken this connection out.
+            return error(ErrorCode.BUSY, "the member left again before its answer")
         self.stats.registrations += 1
         # Debug: the audit line of the entry (every node, one per batch) already
         # names each member that joined; one more line per registration made a
@@ -576,7 +575,6 @@ class Registrar:
         except (NoQuorum, trio.TooSlowError, RaftError) as exc:
             return ErrorAnswer(req.request_id, ErrorCode.NO_QUORUM, f"not committed: {exc}")
         self.detach(req.group, link.member_id)
-        link.groups.discard(req.group)
         return DeregisterAnswer(req.request_id, req.group)
 
 

@@ -111,15 +111,10 @@ def verify_peer(
 
 def peer_seconds_left(stream: trio.SSLStream[Any]) -> float:
     """Seconds until the peer's certificate expires (negative if it has), for a
-    stream `verify_peer` accepted. Parsing is lazy: about 2 µs."""
-    der = stream.getpeercert(binary_form=True)
-    if not der:
-        raise IdentityError("peer presented no certificate")
-    try:
-        not_after = x509.load_der_x509_certificate(der).not_valid_after_utc
-    except Exception:  # the peer's bytes: one typed error, whatever the parser raises
-        raise IdentityError("peer certificate is not valid DER X.509") from None
-    return (not_after - datetime.datetime.now(datetime.UTC)).total_seconds()
+    stream `verify_peer` accepted: its certificate parsed again, lazily (about
+    2 µs), with the same typed errors."""
+    certificate = Identity.load_der(stream.getpeercert(binary_form=True))
+    return (certificate.not_valid_after_utc - datetime.datetime.now(datetime.UTC)).total_seconds()
 
 
 def _context(

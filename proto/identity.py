@@ -105,13 +105,17 @@ class Identity:
     @classmethod
     def from_der(cls, der: bytes | None) -> Identity:
         """From the DER bytes `ssl.SSLObject.getpeercert(binary_form=True)` returns."""
+        return cls.from_certificate(cls.load_der(der))
+
+    @staticmethod
+    def load_der(der: bytes | None) -> x509.Certificate:
+        """The peer certificate of those DER bytes; `IdentityError` if there is none."""
         if not der:
             raise IdentityError("peer presented no certificate")
         try:
-            cert = x509.load_der_x509_certificate(der)
+            return x509.load_der_x509_certificate(der)
         except Exception:  # the peer's bytes: one typed error, whatever the parser raises
             raise IdentityError("peer certificate is not valid DER X.509") from None
-        return cls.from_certificate(cert)
 
 
 def require(
