@@ -146,10 +146,11 @@ class PeerLinkConfig:
 
 @dataclass(frozen=True, slots=True)
 class MemberLinkConfig:
-    """Bounds of the member listener: open connections, and the deadline of a
-    TLS handshake."""
+    """Bounds of the member listener: open connections (all, and of one member
+    id), and the deadline of a TLS handshake."""
 
     max_connections: int = 100_000
+    max_connections_per_member: int = 16
     handshake_timeout_ms: int = 5000
 
 
@@ -234,6 +235,7 @@ KEYS: Final = (
     "peer_link.max_pending_handshakes",
     "peer_link.max_frame_bytes",
     "member_link.max_connections",
+    "member_link.max_connections_per_member",
     "member_link.handshake_timeout_ms",
     "multicast.interface",
     "multicast.interface6",
@@ -259,6 +261,7 @@ _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
     "peer_link.max_pending_handshakes": (1, 10_000),
     "peer_link.max_frame_bytes": (1024, 0xFFFF_FFFF),
     "member_link.max_connections": (1, 10_000_000),
+    "member_link.max_connections_per_member": (1, 10_000_000),
     "member_link.handshake_timeout_ms": (1, 600_000),
     "multicast.ttl": (0, 255),
 }

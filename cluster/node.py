@@ -203,6 +203,7 @@ class Node:
             RegistrarSettings(
                 handshake_timeout_s=cfg.member_link.handshake_timeout_ms / 1000,
                 max_connections=cfg.member_link.max_connections,
+                max_connections_per_member=cfg.member_link.max_connections_per_member,
             ),
         )
         async with trio.open_nursery() as nursery:
@@ -380,6 +381,13 @@ class Node:
             "Member connections closed unserved: over the limit, a failed handshake "
             "or a wrong role.",
             registrar.stats.refused,
+        )
+        yield one(
+            "gcks_member_connections_evicted_total",
+            counter,
+            "Member connections closed for a newer one of the same member id "
+            "(over max_connections_per_member).",
+            registrar.stats.evicted,
         )
         yield one(
             "gcks_member_handshakes_waiting",

@@ -27,6 +27,7 @@ import logging
 import ssl
 from collections import defaultdict, deque
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -95,6 +96,8 @@ class RegistrarSettings:
     request_timeout_s: float = 15.0
     push_queue: int = 256  # pushes buffered per member before it is cut off (it resyncs)
     max_connections: int = 100_000  # open member connections; more are closed unanswered
+    # Open connections of one member id; a newer one closes the oldest.
+    max_connections_per_member: int = 16
     write_timeout_s: float = 10.0  # a member that reads nothing for this long is cut off
 
 
@@ -102,6 +105,7 @@ class RegistrarSettings:
 class RegistrarStats:
     connections: int = 0
     refused: int = 0  # over the limit, a failed handshake or a wrong role
+    evicted: int = 0  # closed for a newer connection of the same member id
     registrations: int = 0
     registration_errors: int = 0
     bad_frames: int = 0
@@ -264,6 +268,8 @@ class Registrar:
         # it is already in the GSA, so pushing it would be wasted work).
         self._pending: dict[tuple[str, str], set[_MemberLink]] = defaultdict(set)
         self._open = 0
+        # The cancel scopes of each member id's open connections, oldest first.
+        self._open_by_member: dict[str, deque[trio.CancelScope]] = {}
         self._spawn: trio.Nursery | None = None
         self._turns = HandshakeTurns(HANDSHAKE_TURNS)  # oldest first: gcks.cluster.handshakes
         # Refusals come in storms: a reconnect storm makes one per handshake
@@ -387,6 +393,7 @@ class Registrar:
             # outlive the credential it was authenticated with (there is no
             # revocation list; short-lived certificates stand in for one).
             with trio.CancelScope(deadline=trio.current_time() + seconds_left) as connection:
+                self._hold(identity.id, connection)
                 writer = _FrameWriter(
                     stream,
                     self._spawn,
@@ -401,11 +408,40 @@ class Registrar:
                 finally:
                     writer.close()  # before the stream closes: no push writes to it
                     self._forget(link)
+                    self._release(identity.id, connection)
             if connection.cancelled_caught and trio.current_time() >= connection.deadline:
                 log.info("member %s: certificate expired, connection closed", identity.id)
         finally:
             await trio.aclose_forcefully(stream)
             log.debug("member %s disconnected", identity.id)
+
+    def _hold(self, member_id: str, connection: trio.CancelScope) -> None:
+        """Count an open connection of `member_id`; past the limit, close its oldest.
+
+        One member certificate must not take a share of `max_connections` that
+        starves every other member. The oldest goes rather than the newest: a
+        member that restarts leaves connections behind that only keepalive
+        reaps (about 2 minutes), and its current connection must be served."""
+        held = self._open_by_member.setdefault(member_id, deque())
+        held.append(connection)
+        if len(held) > self._settings.max_connections_per_member:
+            held.popleft().cancel()
+            self.stats.evicted += 1
+            level = logging.INFO if self._refusal_warnings.ready("evicted") else logging.DEBUG
+            log.log(
+                level,
+                "member %s has more than %d connections open: the oldest closed",
+                member_id,
+                self._settings.max_connections_per_member,
+            )
+
+    def _release(self, member_id: str, connection: trio.CancelScope) -> None:
+        held = self._open_by_member.get(member_id)
+        if held is not None:
+            with suppress(ValueError):  # already taken out by `_hold`
+                held.remove(connection)
+            if not held:
+                del self._open_by_member[member_id]
 
     def _refused(self, remote: str, why: str) -> None:
         self.stats.refused += 1

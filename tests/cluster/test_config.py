@@ -128,7 +128,7 @@ def test_a_complete_file_loads_with_lan_defaults(pki_dir: Path, tmp_path: Path) 
     assert config.raft == RaftTiming(tick_ms=100, election_ticks=10, heartbeat_ticks=1)
     assert config.peer_link == PeerLinkConfig()
     assert config.member_link == MemberLinkConfig(
-        max_connections=100_000, handshake_timeout_ms=5000
+        max_connections=100_000, max_connections_per_member=16, handshake_timeout_ms=5000
     )
     assert config.multicast.ttl == 1
     assert config.multicast.interface6 == "", "IPv6 groups: push only unless an interface is named"
@@ -277,6 +277,7 @@ def test_environment_overrides_the_file(
         "GCKS_RAFT_TICK_MS": "50",
         "GCKS_PEER_LINK_SEND_QUEUE_FRAMES": "16",
         "GCKS_MEMBER_LINK_HANDSHAKE_TIMEOUT_MS": "800",
+        "GCKS_MEMBER_LINK_MAX_CONNECTIONS_PER_MEMBER": "4",
         "GCKS_LOG_LEVEL": "DEBUG",
         "GCKS_STORAGE_KEY": "ab" * 32,
         "GCKS_UNRELATED": "ignored",
@@ -287,6 +288,7 @@ def test_environment_overrides_the_file(
     assert config.raft.tick_ms == 50
     assert config.peer_link.send_queue_frames == 16
     assert config.member_link.handshake_timeout_ms == 800
+    assert config.member_link.max_connections_per_member == 4
     assert config.log_level == "debug"
     assert config.storage_key == bytes.fromhex("ab" * 32)
     assert set(config.other_peers) == {"n1"}

@@ -580,3 +580,43 @@ async def test_the_seconds_a_peer_certificate_has_left_are_read_from_it(tmp_path
     assert server is not None
     left = tls.peer_seconds_left(server)  # type: ignore[arg-type]
     assert 29 * 86400 < left <= 30 * 86400
+
+
+async def test_a_member_id_over_its_connection_limit_loses_its_oldest_connection(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # One certificate must not hold a share of `max_connections` that starves
+    # every other member; the oldest goes, since a restarted member leaves
+    # connections behind that only keepalive reaps, and its newest must be served.
+    registrar = _registrar(RegistrarSettings(max_connections_per_member=2))
+
+    async def connect(member_id: str, nursery: trio.Nursery) -> trio.abc.Stream:
+        member, node = trio.testing.memory_stream_pair()
+        identity = Identity(CertRole.MEMBER, member_id)
+        nursery.start_soon(registrar._serve_stream, node, identity, 3600.0)
+        await trio.testing.wait_all_tasks_blocked()
+        return member
+
+    async def closed(stream: trio.abc.Stream) -> bool:
+        with trio.move_on_after(60):
+            return await stream.receive_some() == b""
+        return False  # still open a minute later
+
+    with trio.fail_after(600):
+        async with trio.open_nursery() as nursery:
+            registrar._spawn = nursery
+            first = await connect("m1", nursery)
+            second = await connect("m1", nursery)
+            other = await connect("m2", nursery)
+            assert registrar.stats.evicted == 0, "two of m1 are within its limit"
+            third = await connect("m1", nursery)
+            assert await closed(first), "m1's oldest connection was closed"
+            assert registrar.stats.evicted == 1
+            for stream in (second, third, other):
+                assert not await closed(stream), "only the oldest of m1 is closed"
+            assert {m: len(held) for m, held in registrar._open_by_member.items()} == {
+                "m1": 2,
+                "m2": 1,
+            }
+            nursery.cancel_scope.cancel()
+    assert not registrar._open_by_member, "closed connections leave nothing behind"
