@@ -107,14 +107,16 @@ class RekeySettings:
     """Rekey reception: the IPv4 interface address on which to join the group's
     multicast address (`0.0.0.0`: the kernel's choice; `127.0.0.1`: loopback
     demo), the registration deadline, how long before a TEK expires without a
-    successor the member re-registers rather than wait, and the name of the
+    successor the member re-registers rather than wait, the name of the
     interface to join an IPv6 group on (empty: an IPv6 group's rekeys come by
-    push only)."""
+    push only), and how long a rekey that arrived past a gap waits for the
+    missing ones before the member re-registers."""
 
     multicast_interface: str = "127.0.0.1"
     register_timeout_ms: int = 5000
     resync_margin_ms: int = 10_000
     multicast_interface6: str = ""
+    gap_wait_ms: int = 1000
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ KEYS: Final = (
     "rekey.multicast_interface6",
     "rekey.register_timeout_ms",
     "rekey.resync_margin_ms",
+    "rekey.gap_wait_ms",
 )
 _SECTIONS: Final = frozenset(key.partition(".")[0] for key in KEYS if "." in key)
 _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
@@ -163,6 +166,7 @@ _INT_RANGES: Final[Mapping[str, tuple[int, int]]] = {
     "probe.timeout_ms": (1, 60_000),
     "rekey.register_timeout_ms": (100, 600_000),
     "rekey.resync_margin_ms": (0, 3_600_000),
+    "rekey.gap_wait_ms": (0, 600_000),
 }
 # Inclusive ranges of the decimal keys.
 _FLOAT_RANGES: Final[Mapping[str, tuple[float, float]]] = {
@@ -277,6 +281,7 @@ class _Validator:
                 "rekey.register_timeout_ms", _REKEY_DEFAULTS.register_timeout_ms
             ),
             resync_margin_ms=self._int("rekey.resync_margin_ms", _REKEY_DEFAULTS.resync_margin_ms),
+            gap_wait_ms=self._int("rekey.gap_wait_ms", _REKEY_DEFAULTS.gap_wait_ms),
         )
         return MemberConfig(
             member_id=member_id,

@@ -4,10 +4,12 @@
 datagram that arrives, from any node, by multicast or unicast push. Each
 message id is accepted once: copies from other nodes and retransmissions are
 dropped by their clear header alone, before any cryptography. A message that
-cannot be followed exactly (a gap in message ids, an unknown KEK SPI, LKH keys
-that do not unwrap, a KEK whose root version does not match) is never guessed
-at: the outcome is RESYNC and the caller re-registers. Nothing changes unless
-the whole message applies.
+cannot be followed exactly (an unknown KEK SPI, LKH keys that do not unwrap, a
+KEK whose root version does not match) is never guessed at: the outcome is
+RESYNC and the caller re-registers. An authentic message past a gap in message
+ids is AHEAD: the caller may hold it until the messages in between arrive (the
+multicast and push paths race) and hand it in again, or re-register. Nothing
+changes unless the whole message applies.
 
 It also owns the DATA SA: the receive keyring (TEKs by SPI with activation and
 deactivation, per-sender replay windows, sender verify keys) and, for a
@@ -39,6 +41,7 @@ class Outcome(enum.StrEnum):
     ACCEPTED = "rekey"
     DUPLICATE = "duplicate"
     RESYNC = "resync"
+    AHEAD = "ahead"  # authentic, but messages before it are still missing
     TERMINATED = "left"
 
 
@@ -131,9 +134,10 @@ class GroupKeys:
             # Authentic (the signature verified first) but under a KEK we lack.
             return RekeyResult(Outcome.RESYNC, header.msg_id, "unknown KEK SPI")
         if header.msg_id != self.msg_id + 1:
-            # Authentic, but we missed messages in between: never guess.
+            # Authentic, but messages in between are missing (late or lost):
+            # never guess, and never apply out of order.
             return RekeyResult(
-                Outcome.RESYNC, header.msg_id, f"gap: {self.msg_id} -> {header.msg_id}"
+                Outcome.AHEAD, header.msg_id, f"gap: {self.msg_id} -> {header.msg_id}"
             )
         body = RekeyBody.decode(opened.body)
         if body.terminate:

@@ -6,10 +6,13 @@ Ed25519 key pair and sends the public half), joins the group's multicast
 address on the configured interface and reads the unicast pushes of its
 session. Every rekey datagram, from either path and from any node, goes to
 `GroupKeys.handle_rekey`, which accepts each message id once and drops copies
-by their clear header before any cryptography. What it cannot follow exactly
-(a gap, an unknown KEK SPI, an LKH update that does not unwrap, or TEKs running
-out with no successor) makes the member re-register with its last message id
-rather than guess. A signed termination drops every key and ends the member.
+by their clear header before any cryptography. A message that arrives past a
+gap is held for `rekey.gap_wait_ms` while the missing ones may still come by
+the other path, then applied in order. What it cannot follow exactly (a gap
+still open after that wait, an unknown KEK SPI, an LKH update that does not
+unwrap, or TEKs running out with no successor) makes the member re-register
+with its last message id rather than guess. A signed termination drops every
+key and ends the member.
 
 Node choice follows `gcks.member.ranking`: a lost connection or a registration
 deadline fails over to the next node in the ranking at once; periodic probe
@@ -98,6 +101,9 @@ _EVENT_BUFFER: Final = 10_000
 # Rekey datagrams held while a (re-)registration is in flight, then replayed
 # against the keys it brings: a message that overtakes the answer is not lost.
 _HELD_DATAGRAMS: Final = 256
+# Authentic rekey datagrams that arrived past a gap, held (by message id) for
+# `rekey.gap_wait_ms` while the missing ones may still come by the other path.
+_AHEAD_DATAGRAMS: Final = 64
 _DEREGISTERED: Final = "deregistered"
 
 
@@ -120,6 +126,7 @@ class MemberStats:
     duplicates: int = 0
     bad_rekeys: int = 0  # datagrams that were not an authentic rekey of the group
     resyncs: int = 0
+    ahead: int = 0  # datagrams that arrived before one still missing (held for it)
     failovers: int = 0
     events_dropped: int = 0  # oldest events dropped because nobody read them
 
@@ -205,6 +212,9 @@ class Member:
         self._keys: GroupKeys | None = None
         self._attaching = False
         self._held: deque[tuple[bytes, str]] = deque(maxlen=_HELD_DATAGRAMS)
+        self._gap_wait_s = config.rekey.gap_wait_ms / 1000
+        self._ahead: dict[int, tuple[bytes, str]] = {}
+        self._gap_timer = False  # a `_resync_unless_filled` task is waiting
         self._session: Session | None = None
         self._session_scope: trio.CancelScope | None = None
         self._multicast_endpoint: MulticastEndpoint | None = None
@@ -459,10 +469,15 @@ class Member:
     def _on_datagram(self, datagram: bytes, source: str) -> None:
         if self.left:
             return
-        keys = self._keys
-        if keys is None or self._attaching:
+        if self._keys is None or self._attaching:
             self._held.append((datagram, source))
             return
+        self._take(datagram, source)
+        self._take_ahead()
+
+    def _take(self, datagram: bytes, source: str) -> None:
+        keys = self._keys
+        assert keys is not None
         try:
             result = keys.handle_rekey(datagram, self._clock_ms())
         except ProtocolError as exc:
@@ -496,9 +511,56 @@ class Member:
                 self._ensure_multicast()
             case Outcome.RESYNC:
                 self._ask_resync(result.reason, node=source, msg_id=result.msg_id)
+            case Outcome.AHEAD:
+                self.stats.ahead += 1
+                if self._gap_wait_s <= 0 or self._tasks is None:
+                    self._ask_resync(result.reason, node=source, msg_id=result.msg_id)
+                    return
+                if len(self._ahead) < _AHEAD_DATAGRAMS:
+                    self._ahead.setdefault(result.msg_id, (datagram, source))
+                self._wait_for_gap()
             case Outcome.TERMINATED:
                 self._leave(f"group terminated: {result.reason}")
                 self._stop_tasks()
+
+    def _take_ahead(self) -> None:
+        """Take in the held datagrams that now follow on, in order; forget those
+        already had; wait for what is still missing before the rest."""
+        if not self._ahead:
+            return
+        while (keys := self._keys) is not None and not self.left:
+            entry = self._ahead.pop(keys.msg_id + 1, None)
+            if entry is None:
+                break
+            self._take(*entry)
+        keys = self._keys
+        for msg_id in [m for m in self._ahead if keys is None or m <= keys.msg_id]:
+            del self._ahead[msg_id]
+        if self._ahead and not self.left:
+            self._wait_for_gap()
+
+    def _wait_for_gap(self) -> None:
+        if not self._gap_timer and self._tasks is not None:
+            self._gap_timer = True
+            self._tasks.start_soon(self._resync_unless_filled, min(self._ahead))
+
+    async def _resync_unless_filled(self, msg_id: int) -> None:
+        """The messages missing before `msg_id` not in within `gap_wait_ms` were
+        lost, not late: register again."""
+        await trio.sleep(self._gap_wait_s)
+        self._gap_timer = False
+        keys = self._keys
+        if keys is None or self.left:
+            return
+        if keys.msg_id < msg_id:
+            newest = max(self._ahead, default=msg_id)
+            self._ask_resync(
+                f"gap: {keys.msg_id} -> {newest}, not filled in {self._gap_wait_s:g} s",
+                node=self._ahead[newest][1] if newest in self._ahead else "",
+                msg_id=newest,
+            )
+        else:
+            self._take_ahead()  # filled; a later gap may be waiting
 
     # -------------------------------------------------------------- supervisor
 
@@ -637,6 +699,7 @@ class Member:
             held, self._held = list(self._held), deque(maxlen=_HELD_DATAGRAMS)
             for datagram, source in held:
                 self._on_datagram(datagram, source)
+            self._take_ahead()
 
     async def _register_at(self, node_id: str, rtts: dict[str, float] | None) -> None:
         endpoint = self._endpoints.get(node_id)

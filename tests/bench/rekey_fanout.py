@@ -170,7 +170,7 @@ class Members:
                 result = self.keys[mid].handle_rekey(datagram, now_ms())
                 if result.outcome is Outcome.ACCEPTED:
                     self._reach(mid, result.msg_id)
-                elif result.outcome is Outcome.RESYNC and mid not in self.evicted:
+                elif result.outcome in (Outcome.RESYNC, Outcome.AHEAD) and mid not in self.evicted:
                     # What a real member does on a gap: register again for a fresh GSA.
                     self.resyncs += 1
                     gsa = await session.register(

@@ -156,7 +156,7 @@ class ChaosMember:
             )
         elif result.outcome is RekeyOutcome.DUPLICATE:
             self.stats.duplicates += 1
-        elif result.outcome is RekeyOutcome.RESYNC:
+        elif result.outcome in (RekeyOutcome.RESYNC, RekeyOutcome.AHEAD):
             self.stats.resyncs += 1
             self._resync = True
             self._wake()

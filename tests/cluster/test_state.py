@@ -347,7 +347,7 @@ def test_member_who_knows_the_kek_cannot_forge_a_rekey() -> None:
         victim.handle_rekey(forged, cluster.now)
 
 
-def test_gap_in_message_ids_asks_for_resync_not_a_guess() -> None:
+def test_a_message_past_a_gap_is_ahead_and_applies_once_the_gap_is_filled() -> None:
     cluster = Cluster()
     cluster.join("a")
     lagging = cluster.join("b")
@@ -355,8 +355,16 @@ def test_gap_in_message_ids_asks_for_resync_not_a_guess() -> None:
     cluster.deliver(missed, to=["a"])
     nxt = cluster.rekey()
     result = lagging.handle_rekey(nxt[0].datagram, cluster.now)
-    assert result.outcome is Outcome.RESYNC
-    assert lagging.msg_id == missed[0].msg_id - 1
+    assert result.outcome is Outcome.AHEAD, "held or resynced by the caller, never guessed"
+    assert result.msg_id == nxt[0].msg_id
+    assert lagging.msg_id == missed[0].msg_id - 1, "nothing applied out of order"
+    # The late message, then the one held: both apply, in order.
+    assert lagging.handle_rekey(missed[0].datagram, cluster.now).outcome is Outcome.ACCEPTED
+    assert lagging.handle_rekey(nxt[0].datagram, cluster.now).outcome is Outcome.ACCEPTED
+    assert lagging.msg_id == nxt[0].msg_id
+    cluster.deliver(nxt, to=["a"])
+    steady = cluster.members["a"]  # missed nothing
+    assert (lagging.kek.key, lagging.teks[-1]) == (steady.kek.key, steady.teks[-1])
 
 
 def test_copies_from_other_nodes_are_duplicates_without_crypto() -> None:

@@ -89,7 +89,10 @@ def test_minimal_static_config_loads_with_documented_defaults(config_dir: Path) 
         count=5, timeout_ms=500, interval_s=30.0, switch_margin=0.2, switch_min_ms=2.0
     )
     assert config.rekey == RekeySettings(
-        multicast_interface="127.0.0.1", register_timeout_ms=5000, resync_margin_ms=10_000
+        multicast_interface="127.0.0.1",
+        register_timeout_ms=5000,
+        resync_margin_ms=10_000,
+        gap_wait_ms=1000,
     )
     assert config.data_listen is None
 
@@ -120,13 +123,14 @@ def test_all_sections_are_read(config_dir: Path) -> None:
         "multicast_interface6": "lo",
         "register_timeout_ms": 2000,
         "resync_margin_ms": 0,
+        "gap_wait_ms": 250,
     }
     config = _load(config_dir, document)
     assert config.role is Role.SENDER
     assert config.data_listen == ("0.0.0.0", 7900)
     assert (config.probe.count, config.probe.timeout_ms, config.probe.interval_s) == (3, 250, 5.5)
     assert config.probe.switch_margin == 0.5
-    assert config.rekey == RekeySettings("0.0.0.0", 2000, 0, "lo")
+    assert config.rekey == RekeySettings("0.0.0.0", 2000, 0, "lo", gap_wait_ms=250)
 
 
 def test_environment_overrides_scalar_keys(config_dir: Path) -> None:

@@ -360,8 +360,13 @@ async def test_member_that_missed_rekeys_detects_the_gap_and_resynchronises(
                 if parse_rekey_header(datagram).msg_id == target:
                     break
         # The newest message arrives (as a late multicast copy would): a gap.
+        # The ones before it may still be on their way by the other path; only
+        # once `gap_wait_ms` (1 s) has passed without them does it re-register.
+        gap_at = trio.current_time()
         lossy.receive_rekey(datagram, "multicast")
+        assert lossy.stats.ahead == 1
         await log.wait_for(lambda: lossy.gsa.msg_id == target)
+        assert trio.current_time() - gap_at >= 1.0
         (resync,) = log.of("resync")
         assert resync["msg_id"] == target
         assert "gap" in str(resync["reason"])
@@ -375,6 +380,53 @@ async def test_member_that_missed_rekeys_detects_the_gap_and_resynchronises(
         await cluster.force_rekey()
         await wait_until(lambda: lossy.gsa.msg_id == cluster.msg_id())
         assert fingerprints(lossy) == fingerprints(steady)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_rekey_that_overtakes_the_one_before_it_waits_for_it_instead_of_a_resync(
+    tmp_path: Path,
+) -> None:
+    # The multicast and push paths race: message N+1 by one can arrive before
+    # N by the other. Re-registering at once would cost the cluster a
+    # registration per member that saw the race, for keys about to arrive.
+    async with running_cluster(tmp_path) as cluster, contextlib.AsyncExitStack() as stack:
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        endpoint = cluster.leader().driver.state.policy(GROUP).multicast  # type: ignore[union-attr]
+        tap = stack.enter_context(
+            await open_multicast_socket(str(endpoint.address), endpoint.port, LOOPBACK)
+        )
+        steady = await stack.enter_async_context(member(cluster, "m1"))
+        late = await stack.enter_async_context(member(cluster, "m2", multicast=False))
+        await wait_until(lambda: late.gsa.msg_id == cluster.msg_id())
+        log = EventLog(late)
+        nursery.start_soon(log.collect)
+        start = late.gsa.msg_id
+        assert late.node is not None
+        registrar = cluster.nodes[late.node].registrar
+        assert registrar is not None
+        registrar.detach(GROUP, "m2")  # m2 hears the next two only from this test
+        for _ in range(2):
+            await cluster.force_rekey()
+        await wait_until(lambda: steady.gsa.msg_id == start + 2)
+        heard: dict[int, bytes] = {}
+        with trio.fail_after(10):
+            while len(heard) < 2:
+                datagram, _ = await tap.recvfrom(65_536)
+                msg_id = parse_rekey_header(datagram).msg_id
+                if msg_id > start:
+                    heard[msg_id] = datagram
+        late.receive_rekey(heard[start + 2], "multicast")
+        assert late.gsa.msg_id == start, "held, not applied past the gap"
+        await trio.lowlevel.checkpoint()
+        late.receive_rekey(heard[start + 1], "n1")
+        assert late.gsa.msg_id == start + 2, "the late one, then the one held, in order"
+        assert fingerprints(late) == fingerprints(steady)
+        with trio.fail_after(10):
+            while late._gap_timer:  # its wait ends without a registration
+                await trio.sleep(0.05)
+        assert late.stats.resyncs == 0
+        assert late.stats.registrations == 1
+        assert [e["msg_id"] for e in log.of("rekey")] == [start + 1, start + 2]
         nursery.cancel_scope.cancel()
 
 
