@@ -150,7 +150,7 @@ class MemberLinkConfig:
     id), and the deadline of a TLS handshake."""
 
     max_connections: int = 100_000
-    max_connections_per_member: int = 16
+    max_connections_per_member: int = 64
     handshake_timeout_ms: int = 5000
 
 

@@ -97,7 +97,7 @@ class RegistrarSettings:
     push_queue: int = 256  # pushes buffered per member before it is cut off (it resyncs)
     max_connections: int = 100_000  # open member connections; more are closed unanswered
     # Open connections of one member id; a newer one closes the oldest.
-    max_connections_per_member: int = 16
+    max_connections_per_member: int = 64
     write_timeout_s: float = 10.0  # a member that reads nothing for this long is cut off
 
 

@@ -128,7 +128,7 @@ def test_a_complete_file_loads_with_lan_defaults(pki_dir: Path, tmp_path: Path) 
     assert config.raft == RaftTiming(tick_ms=100, election_ticks=10, heartbeat_ticks=1)
     assert config.peer_link == PeerLinkConfig()
     assert config.member_link == MemberLinkConfig(
-        max_connections=100_000, max_connections_per_member=16, handshake_timeout_ms=5000
+        max_connections=100_000, max_connections_per_member=64, handshake_timeout_ms=5000
     )
     assert config.multicast.ttl == 1
     assert config.multicast.interface6 == "", "IPv6 groups: push only unless an interface is named"
