@@ -131,14 +131,14 @@ class GroupKeys:
                 last_msg_id=self.msg_id,
             )
         except UnknownSPI:
-            # Authentic (the signature verified first) but under a KEK we lack.
+            # Authentic (the signature verified first) but under a KEK we lack:
+            # past a gap, most likely the KEK a missing message brings (joins
+            # and leaves all change it); else one we cannot follow.
+            if header.msg_id != self.msg_id + 1:
+                return self._ahead(header.msg_id)
             return RekeyResult(Outcome.RESYNC, header.msg_id, "unknown KEK SPI")
         if header.msg_id != self.msg_id + 1:
-            # Authentic, but messages in between are missing (late or lost):
-            # never guess, and never apply out of order.
-            return RekeyResult(
-                Outcome.AHEAD, header.msg_id, f"gap: {self.msg_id} -> {header.msg_id}"
-            )
+            return self._ahead(header.msg_id)
         body = RekeyBody.decode(opened.body)
         if body.terminate:
             self._terminate()
@@ -152,6 +152,11 @@ class GroupKeys:
         for spi in self._receiver.prune(now_ms):
             self._teks.pop(spi, None)  # kept, the keyring would grow with every rekey
         return RekeyResult(Outcome.ACCEPTED, header.msg_id, body.reason)
+
+    def _ahead(self, msg_id: int) -> RekeyResult:
+        # Authentic, but messages in between are missing (late or lost): never
+        # guess, and never apply out of order.
+        return RekeyResult(Outcome.AHEAD, msg_id, f"gap: {self.msg_id} -> {msg_id}")
 
     def _apply(self, body: RekeyBody) -> str | None:
         """Apply a verified body all or nothing; a reason to resync if it cannot be."""

@@ -72,6 +72,7 @@ from gcks.member.tls import MemberTls
 from gcks.proto.errors import DecodeError, ProtocolError
 from gcks.proto.messages import ErrorCode, NodeEndpoint
 from gcks.proto.policy import MulticastEndpoint, Role
+from gcks.proto.rekey import parse_rekey_header
 
 __all__ = ["Event", "Member", "MemberError", "MemberStats", "wall_clock_ms"]
 
@@ -150,6 +151,15 @@ class _Request:
     registrations: int = 0  # RESYNC: registrations done when it was asked (`_ask_resync`)
 
 
+@dataclass(frozen=True, slots=True)
+class _Ahead:
+    """An authentic rekey datagram that arrived past a gap, and when (trio clock)."""
+
+    datagram: bytes
+    source: str
+    arrived_s: float
+
+
 class _Left(Exception):
     """Internal: the member is out of the group (refused or terminated)."""
 
@@ -213,8 +223,9 @@ class Member:
         self._attaching = False
         self._held: deque[tuple[bytes, str]] = deque(maxlen=_HELD_DATAGRAMS)
         self._gap_wait_s = config.rekey.gap_wait_ms / 1000
-        self._ahead: dict[int, tuple[bytes, str]] = {}
+        self._ahead: dict[int, _Ahead] = {}  # by message id
         self._gap_timer = False  # a `_resync_unless_filled` task is waiting
+        self._registered_s = -math.inf  # trio time of the last registration
         self._session: Session | None = None
         self._session_scope: trio.CancelScope | None = None
         self._multicast_endpoint: MulticastEndpoint | None = None
@@ -353,6 +364,7 @@ class Member:
                     tasks.start_soon(self._discovery.watch, self._on_candidates)
                 task_status.started()
         finally:
+            self._tasks = None  # closed: nothing may be started in it any more
             self._tasks_done.set()
 
     def _on_candidates(self, _candidates: tuple[Candidate, ...]) -> None:
@@ -472,8 +484,21 @@ class Member:
         if self._keys is None or self._attaching:
             self._held.append((datagram, source))
             return
+        if self._ahead and (held := self._held_copy(datagram)) is not None:
+            # A copy (the other path, another node) of one held: dropped by
+            # its header, like any copy, not verified and held again.
+            self._duplicate(source, held)
+            return
         self._take(datagram, source)
         self._take_ahead()
+
+    def _held_copy(self, datagram: bytes) -> int | None:
+        """The message id of `datagram` if one with that id is held ahead."""
+        try:
+            msg_id = parse_rekey_header(datagram).msg_id
+        except ProtocolError:
+            return None  # `_take` counts and logs it
+        return msg_id if msg_id in self._ahead else None
 
     def _take(self, datagram: bytes, source: str) -> None:
         keys = self._keys
@@ -487,16 +512,7 @@ class Member:
         group = self.config.group
         match result.outcome:
             case Outcome.DUPLICATE:
-                self.stats.duplicates += 1
-                self._emit(
-                    {
-                        "event": "duplicate",
-                        "group": group,
-                        "node": source,
-                        "msg_id": result.msg_id,
-                        "count": self.stats.duplicates,
-                    }
-                )
+                self._duplicate(source, result.msg_id)
             case Outcome.ACCEPTED:
                 self.stats.rekeys += 1
                 self._emit(
@@ -516,51 +532,86 @@ class Member:
                 if self._gap_wait_s <= 0 or self._tasks is None:
                     self._ask_resync(result.reason, node=source, msg_id=result.msg_id)
                     return
-                if len(self._ahead) < _AHEAD_DATAGRAMS:
-                    self._ahead.setdefault(result.msg_id, (datagram, source))
+                self._hold_ahead(result.msg_id, _Ahead(datagram, source, trio.current_time()))
                 self._wait_for_gap()
             case Outcome.TERMINATED:
                 self._leave(f"group terminated: {result.reason}")
                 self._stop_tasks()
 
+    def _duplicate(self, source: str, msg_id: int) -> None:
+        self.stats.duplicates += 1
+        self._emit(
+            {
+                "event": "duplicate",
+                "group": self.config.group,
+                "node": source,
+                "msg_id": msg_id,
+                "count": self.stats.duplicates,
+            }
+        )
+
+    def _hold_ahead(self, msg_id: int, ahead: _Ahead) -> None:
+        if len(self._ahead) >= _AHEAD_DATAGRAMS:
+            # Full: the lowest ids are the ones the gap closes on first.
+            highest = max(self._ahead)
+            if msg_id > highest:
+                return
+            del self._ahead[highest]
+        self._ahead[msg_id] = ahead
+
     def _take_ahead(self) -> None:
-        """Take in the held datagrams that now follow on, in order; forget those
-        already had; wait for what is still missing before the rest."""
+        """Take in the held datagrams that now follow on, in order; wait for
+        what is still missing before the rest."""
         if not self._ahead:
             return
         while (keys := self._keys) is not None and not self.left:
-            entry = self._ahead.pop(keys.msg_id + 1, None)
-            if entry is None:
+            ahead = self._ahead.pop(keys.msg_id + 1, None)
+            if ahead is None:
                 break
-            self._take(*entry)
-        keys = self._keys
-        for msg_id in [m for m in self._ahead if keys is None or m <= keys.msg_id]:
-            del self._ahead[msg_id]
-        if self._ahead and not self.left:
+            self._take(ahead.datagram, ahead.source)
+        if self._prune_ahead():
             self._wait_for_gap()
+
+    def _prune_ahead(self) -> bool:
+        """Forget the held datagrams the keys have reached; whether any are left."""
+        keys = self._keys
+        if keys is None or self.left:
+            self._ahead.clear()
+        else:
+            for msg_id in [m for m in self._ahead if m <= keys.msg_id]:
+                del self._ahead[msg_id]
+        return bool(self._ahead)
 
     def _wait_for_gap(self) -> None:
         if not self._gap_timer and self._tasks is not None:
             self._gap_timer = True
-            self._tasks.start_soon(self._resync_unless_filled, min(self._ahead))
+            self._tasks.start_soon(self._resync_unless_filled)
 
-    async def _resync_unless_filled(self, msg_id: int) -> None:
-        """The messages missing before `msg_id` not in within `gap_wait_ms` were
-        lost, not late: register again."""
-        await trio.sleep(self._gap_wait_s)
-        self._gap_timer = False
-        keys = self._keys
-        if keys is None or self.left:
-            return
-        if keys.msg_id < msg_id:
-            newest = max(self._ahead, default=msg_id)
-            self._ask_resync(
-                f"gap: {keys.msg_id} -> {newest}, not filled in {self._gap_wait_s:g} s",
-                node=self._ahead[newest][1] if newest in self._ahead else "",
-                msg_id=newest,
-            )
-        else:
-            self._take_ahead()  # filled; a later gap may be waiting
+    async def _resync_unless_filled(self) -> None:
+        """Messages still missing `gap_wait_ms` after a datagram past them came
+        were lost, not late: register again. Each gap gets its whole wait,
+        counted from its own first datagram."""
+        try:
+            while self._prune_ahead():
+                first = min(self._ahead)
+                # A gap still open after a registration (a node behind the one
+                # whose multicast came first) gets a whole wait from there.
+                since = max(self._ahead[first].arrived_s, self._registered_s)
+                deadline = since + self._gap_wait_s
+                if trio.current_time() < deadline:
+                    await trio.sleep_until(deadline)
+                    continue  # filled meanwhile, or not: look again
+                keys = self._keys
+                assert keys is not None  # or `_prune_ahead` emptied it
+                newest = max(self._ahead)
+                self._ask_resync(
+                    f"gap: {keys.msg_id} -> {newest}, not filled in {self._gap_wait_s:g} s",
+                    node=self._ahead[newest].source,
+                    msg_id=newest,
+                )
+                return  # the registration's `_take_ahead` starts a wait if need be
+        finally:
+            self._gap_timer = False
 
     # -------------------------------------------------------------- supervisor
 
@@ -745,6 +796,7 @@ class Member:
             raise
         await self._replace_session(session)
         self._keys = keys
+        self._registered_s = trio.current_time()
         if self._discovery.learn(answer.nodes):
             # Probed from the next round on, like any other node.
             log.info(

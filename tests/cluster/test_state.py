@@ -53,7 +53,7 @@ from gcks.proto.errors import (
 )
 from gcks.proto.messages import MAX_TEKS, RekeyBody, decode_message
 from gcks.proto.policy import Authorization, GroupPolicy, MulticastEndpoint, Role
-from gcks.proto.rekey import open_rekey, seal_rekey
+from gcks.proto.rekey import open_rekey, parse_rekey_header, seal_rekey
 
 T0 = 1_700_000_000_000
 
@@ -347,13 +347,17 @@ def test_member_who_knows_the_kek_cannot_forge_a_rekey() -> None:
         victim.handle_rekey(forged, cluster.now)
 
 
-def test_a_message_past_a_gap_is_ahead_and_applies_once_the_gap_is_filled() -> None:
+@pytest.mark.parametrize("new_kek", [False, True])
+def test_a_message_past_a_gap_is_ahead_and_applies_once_the_gap_is_filled(new_kek: bool) -> None:
+    # With a new KEK in the missing message, the next one is under a KEK the
+    # member does not have yet: still ahead, not a key it cannot follow.
     cluster = Cluster()
     cluster.join("a")
     lagging = cluster.join("b")
-    missed = cluster.rekey()
+    missed = cluster.rekey(refresh_kek=new_kek)
     cluster.deliver(missed, to=["a"])
     nxt = cluster.rekey()
+    assert (parse_rekey_header(nxt[0].datagram).kek_spi != lagging.kek.spi) is new_kek
     result = lagging.handle_rekey(nxt[0].datagram, cluster.now)
     assert result.outcome is Outcome.AHEAD, "held or resynced by the caller, never guessed"
     assert result.msg_id == nxt[0].msg_id

@@ -405,8 +405,9 @@ async def test_a_rekey_that_overtakes_the_one_before_it_waits_for_it_instead_of_
         registrar = cluster.nodes[late.node].registrar
         assert registrar is not None
         registrar.detach(GROUP, "m2")  # m2 hears the next two only from this test
-        for _ in range(2):
-            await cluster.force_rekey()
+        # The first brings a new KEK: the second is under a KEK m2 lacks yet.
+        for kek in (True, False):
+            await cluster.force_rekey(kek=kek)
         await wait_until(lambda: steady.gsa.msg_id == start + 2)
         heard: dict[int, bytes] = {}
         with trio.fail_after(10):
